@@ -1,0 +1,73 @@
+"""The ``lungvit`` command line: one sub-command per module, each with its own ``--help``.
+
+Exit codes: 0 success; 1 some input could not be processed (each failure reported);
+2 usage error (argparse); 3 a model or configuration problem stopped the command.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from lungvit.core import __version__
+from lungvit.core.errors import LungViTError
+
+# Each module defines ``register(subparsers)``, which adds its parser(s) and sets
+# ``func`` to a callable taking the parsed namespace and returning an exit code.
+# Modules must import cheaply: heavy work is imported when the command runs.
+COMMAND_MODULES: tuple[str, ...] = (
+    "lungvit.core.commands.inspect_cmd",
+    "lungvit.core.commands.demo_data_cmd",
+)
+
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+EXIT_USAGE = 2
+EXIT_ERROR = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the top-level parser with every available sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="lungvit",
+        description="LungViT: read, classify and explain chest X-ray and retinal OCT scans; "
+        "fine-tune the model on your own labelled folders.",
+    )
+    parser.add_argument("--version", action="version", version=f"lungvit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            # A command whose optional part is not installed simply does not appear.
+            if exc.name and name.startswith(exc.name):
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lungvit`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args))
+    except LungViTError as exc:
+        print(f"lungvit {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
