@@ -1,0 +1,239 @@
+"""Thin handlers of the Predict & explain tab: read scans, predict, explain, report.
+
+Torch and the model load on first use (imports inside the functions), so the app
+starts serving its page in seconds.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import html
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import gradio as gr
+import numpy as np
+
+from lungvit.app.state import AppContext
+from lungvit.app.uploads import display_name, expand_uploads
+from lungvit.core.errors import LungViTError
+
+log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# (center, width) of the usual display windows; "File default" uses the file's own.
+WINDOW_PRESETS: dict[str, tuple[float, float] | None] = {
+    "File default": None, "Lung": (-600.0, 1500.0), "Mediastinum": (40.0, 400.0),
+    "Bone": (400.0, 1800.0), "Custom": None}
+METHOD_LABELS = {"Attention rollout": "rollout", "Gradient rollout": "grad_rollout",
+                 "Integrated Gradients": "ig", "Gradient SHAP": "gradient_shap",
+                 "SmoothGrad": "smoothgrad", "Occlusion": "occlusion", "Grad-CAM": "gradcam"}
+PREDICTED = "Predicted class"
+TABLE_HEADERS = ["file", "prediction", "confidence", "uncertain", "out of scope", "notes"]
+
+
+def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Show LungViT's errors as readable messages; hide anything else behind a short one."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except LungViTError as exc:
+            raise gr.Error(html.escape(str(exc)), print_exception=False) from None
+        except Exception:  # the user gets no traceback, path or PHI; the log gets it all
+            log.exception("%s failed", fn.__name__)
+            raise gr.Error("Something went wrong on the server; the details are in its log.",
+                           print_exception=False) from None
+
+    return wrapper
+
+
+def window_of(preset: str, center: float | None, width: float | None
+              ) -> tuple[float, float] | None:
+    """The (center, width) a preset (or Custom with its numbers) asks for."""
+    if preset == "Custom":
+        if center is None or width is None or width < 1:
+            raise gr.Error("Custom window: give a level and a width of at least 1")
+        return float(center), float(width)
+    return WINDOW_PRESETS.get(preset)
+
+
+def _files(ctx: AppContext, files: Sequence[Any] | None) -> list[Path]:
+    paths = [Path(f if isinstance(f, str) else getattr(f, "name", f)) for f in files or []]
+    if not paths:
+        raise gr.Error("Upload one or more scans (DICOM, PNG, JPEG) or a zip of them first")
+    found = expand_uploads(paths, ctx.unpack_dir())
+    if not found:
+        raise gr.Error("The upload holds no DICOM, PNG or JPEG files")
+    return found
+
+
+def _pick(ctx: AppContext, files: list[Path], selected: str | None) -> Path:
+    names = {display_name(p, ctx.unpack_dir()): p for p in files}
+    return names.get(selected or "", files[0])
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """(H, W) float [0, 1] -> uint8."""
+    return (np.clip(pixels, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _model_input_image(predictor: Any, scan: Any) -> np.ndarray:
+    """The network's actual input, de-normalised for display: (S, S) uint8."""
+    x = predictor.prepare(scan)[0].numpy()  # (S, S), normalised
+    pre = predictor.preprocess
+    mean = float(np.mean(pre.mean)) if isinstance(pre.mean, (list, tuple)) else float(pre.mean)
+    std = float(np.mean(pre.std)) if isinstance(pre.std, (list, tuple)) else float(pre.std)
+    return to_uint8(x * std + mean)
+
+
+def _flags(pred: Any, warnings: Sequence[str]) -> str:
+    lines = [f"### {pred.label} ({pred.confidence:.0%})"]
+    if pred.out_of_distribution:
+        lines.append("**Probably out of scope:** " + html.escape("; ".join(pred.ood_reasons)))
+    if pred.uncertain:
+        lines.append("**Uncertain:** " + html.escape("; ".join(pred.uncertain_reasons)))
+    if not (pred.out_of_distribution or pred.uncertain):
+        lines.append("No uncertainty or out-of-scope flag was raised.")
+    lines += [f"- note: {html.escape(w)}" for w in warnings]
+    return "\n\n".join(lines)
+
+
+def _metadata(scan: Any, show_phi: bool) -> dict[str, Any]:
+    meta = scan.meta.to_dict()
+    if not show_phi:
+        meta.pop("phi", None)
+    return meta
+
+
+@user_errors
+def show_scan(ctx: AppContext, files: Sequence[Any] | None, selected: str | None,
+              preset: str, center: float | None, width: float | None, show_phi: bool
+              ) -> tuple[np.ndarray, np.ndarray, dict[str, float], str, dict[str, Any]]:
+    """Read one scan with the chosen window and predict it.
+
+    Returns:
+        (what the model saw, the model's input, probabilities, flags Markdown, metadata).
+    """
+    from lungvit.core.ingest import load_scan
+
+    predictor = ctx.holder.require()
+    path = _pick(ctx, _files(ctx, files), selected)
+    scan = load_scan(path, window=window_of(preset, center, width), include_phi=bool(show_phi))
+    pred = predictor.predict(scan)
+    return (to_uint8(scan.pixels), _model_input_image(predictor, scan), pred.probabilities,
+            _flags(pred, scan.meta.warnings), _metadata(scan, bool(show_phi)))
+
+
+@user_errors
+def predict_batch(ctx: AppContext, files: Sequence[Any] | None, preset: str,
+                  center: float | None, width: float | None
+                  ) -> tuple[list[list[Any]], str, dict[str, Any]]:
+    """Predict every uploaded scan.
+
+    Returns:
+        (table rows, CSV file path, a dropdown update listing the scans).
+    """
+    from lungvit.core.errors import ScanReadError
+    from lungvit.core.ingest import load_scan
+
+    predictor = ctx.holder.require()
+    paths = _files(ctx, files)
+    window = window_of(preset, center, width)
+    rows: list[list[Any]] = []
+    names = [display_name(p, ctx.unpack_dir()) for p in paths]
+    for name, path in zip(names, paths):
+        try:
+            scan = load_scan(path, window=window)
+        except ScanReadError as exc:
+            rows.append([name, "", None, "", "", f"not read: {exc}"])
+            continue
+        pred = predictor.predict(scan)
+        notes = "; ".join(pred.ood_reasons + pred.uncertain_reasons + scan.meta.warnings)
+        rows.append([name, pred.label, round(pred.confidence, 4), "yes" if pred.uncertain else "",
+                     "yes" if pred.out_of_distribution else "", notes])
+    out = ctx.scratch("tables") / "lungvit-predictions.csv"
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(TABLE_HEADERS)
+        writer.writerows(rows)
+    return rows, str(out), gr.update(choices=names, value=names[0])
+
+
+@user_errors
+def explain_scan(ctx: AppContext, files: Sequence[Any] | None, selected: str | None,
+                 preset: str, center: float | None, width: float | None,
+                 methods: Sequence[str] | None, target: str | None, opacity: float
+                 ) -> tuple[list[tuple[np.ndarray, str]], list[list[Any]], list[str]]:
+    """Explain one scan with the chosen methods, for the predicted or a chosen class.
+
+    Returns:
+        (gallery of (overlay, caption), faithfulness rows, downloadable files: one PNG per
+        method and the scan's HTML report).
+    """
+    from PIL import Image
+
+    from lungvit.app.report import build_report
+    from lungvit.core.explain import explain
+    from lungvit.core.ingest import load_scan
+
+    chosen = [METHOD_LABELS.get(m, m) for m in methods or []]
+    if not chosen:
+        raise gr.Error("Pick at least one explanation method")
+    predictor = ctx.holder.require()
+    path = _pick(ctx, _files(ctx, files), selected)
+    name = display_name(path, ctx.unpack_dir())
+    scan = load_scan(path, window=window_of(preset, center, width))
+    target_index = None
+    if target and target != PREDICTED:
+        if target not in predictor.labels:
+            raise gr.Error(f"The model has no class {html.escape(target)}")
+        target_index = predictor.labels.index(target)
+    with predictor.lock:  # explanations switch the shared model's attention mode briefly
+        result = explain(predictor.model, scan.pixels, preprocess=predictor.preprocess,
+                         methods=chosen, target=target_index, opacity=float(opacity),
+                         temperature=predictor.temperature)
+    pred = predictor.predict(scan)
+    label = predictor.labels[result.target]
+    out_dir = ctx.scratch("explanations")
+    gallery, rows, downloads, parts = [], [], [], []
+    for e in result:
+        f = e.faithfulness
+        caption = (f"{e.method} -> {label}: deletion {f.get('deletion_auc', float('nan')):.3f} "
+                   f"(random {f.get('random_deletion_auc', float('nan')):.3f}), insertion "
+                   f"{f.get('insertion_auc', float('nan')):.3f} "
+                   f"(random {f.get('random_insertion_auc', float('nan')):.3f})")
+        gallery.append((e.overlay, caption))
+        rows.append([e.method, label, *(round(f.get(k, float("nan")), 4) for k in (
+            "deletion_auc", "random_deletion_auc", "insertion_auc", "random_insertion_auc")),
+            round(e.seconds, 2)])
+        png = out_dir / f"{Path(name).stem}-{e.method}.png"
+        Image.fromarray(e.overlay).save(png)
+        downloads.append(str(png))
+        parts.append({"method": e.method, "overlay": e.overlay, "faithfulness": f})
+    report = out_dir / f"{Path(name).stem}-report.html"
+    report.write_text(build_report(
+        name=name, image=to_uint8(scan.pixels), prediction=pred.to_dict(), explanations=parts,
+        model=ctx.holder.describe(), demo=ctx.holder.is_demo(),
+        version=_version()), encoding="utf-8")
+    downloads.append(str(report))
+    return gallery, rows, downloads
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lungvit")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+FAITH_HEADERS = ["method", "class", "deletion AUC", "random deletion", "insertion AUC",
+                 "random insertion", "seconds"]

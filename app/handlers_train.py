@@ -1,0 +1,343 @@
+"""Thin handlers of the Fine-tune, Runs and Model tabs.
+
+They talk to training only through the store (reads, job requests, cancellations,
+promotions) and the job launcher; training itself runs in its own process.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import shutil
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from lungvit.app import plots
+from lungvit.app.handlers import user_errors
+from lungvit.app.state import AppContext
+from lungvit.app.uploads import extract_zip
+
+BASE_MODELS = ("Current model", "lungvit_tiny (from scratch)", "lungvit_ref64 (from scratch)",
+               "lungvit_s128 (from scratch)")
+ACTIVE = ("queued", "running")
+
+
+def _store(ctx: AppContext):  # type: ignore[no-untyped-def]
+    from lungvit.training.store import open_store
+
+    return open_store(ctx.paths.db_url)
+
+
+def _dataset_dir(ctx: AppContext, folder: str | None, archive: Any) -> Path:
+    if archive:
+        path = Path(archive if isinstance(archive, str) else archive.name)
+        target = ctx.scratch("datasets")
+        extract_zip(path, target)
+        entries = [p for p in target.iterdir() if p.is_dir()]
+        # A zip of one top folder holding the class folders: use that folder.
+        if len(entries) == 1 and any(p.is_dir() for p in entries[0].iterdir()):
+            return entries[0]
+        return target
+    if not folder or not folder.strip():
+        raise gr.Error("Give the dataset folder (one sub-folder per class) or upload a zip")
+    path = Path(folder.strip()).expanduser()
+    if not path.is_dir():
+        raise gr.Error(f"No such folder: {html.escape(folder.strip())}")
+    return path
+
+
+@user_errors
+def preview_dataset(ctx: AppContext, folder: str | None, archive: Any
+                    ) -> tuple[str, list[list[Any]], str]:
+    """What a fine-tune on this dataset would see, before anything starts.
+
+    Returns:
+        (summary Markdown, rows [class, images, train, val, test, note], resolved folder).
+    """
+    from lungvit.training.config import TrainConfig
+    from lungvit.training.data import preview
+
+    root = _dataset_dir(ctx, folder, archive)
+    info = preview(root)
+    defaults = TrainConfig(data=str(root), out="")
+    rows = []
+    for label, n in info["counts"].items():
+        n_val = round(n * defaults.val_frac)
+        n_test = round(n * defaults.test_frac)
+        note = "too few images: left out" if label in info["too_small"] else ""
+        rows.append([label, n, n - n_val - n_test, n_val, n_test, note])
+    lines = [f"**{len(info['classes'])} classes, {info['total']} usable images** "
+             f"(split about {1 - defaults.val_frac - defaults.test_frac:.0%} train / "
+             f"{defaults.val_frac:.0%} validation / {defaults.test_frac:.0%} test, "
+             "by patient where known)."]
+    if info["unreadable"]:
+        examples = ", ".join(html.escape(Path(p).name) for p, _ in info["unreadable_examples"][:5])
+        lines.append(f"{info['unreadable']} files will be skipped as unreadable (e.g. {examples}).")
+    if info["problem"]:
+        lines.append(f"**Cannot start:** {html.escape(info['problem'])}")
+    else:
+        lines.append("Ready: press **Fine-tune**.")
+    return "\n\n".join(lines), rows, str(root)
+
+
+@user_errors
+def start_finetune(ctx: AppContext, folder: str | None, archive: Any, epochs: float,
+                   workers: float, use_gpu: bool, batch_size: float, lr: float,
+                   base_model: str, max_steps: float | None = None) -> tuple[int, str]:
+    """Queue a fine-tune job and start its process.
+
+    Returns:
+        (the job's id, a status line).
+    """
+    from lungvit.training.data import preview
+    from lungvit.training.jobs import launch_job
+
+    root = _dataset_dir(ctx, folder, archive)
+    problem = preview(root)["problem"]
+    if problem:
+        raise gr.Error(f"Cannot start: {html.escape(problem)}")
+    train: dict[str, Any] = {"data": str(root), "epochs": int(epochs),
+                             "batch_size": int(batch_size), "lr": float(lr)}
+    if max_steps:
+        train["max_steps"] = int(max_steps)
+    if base_model == BASE_MODELS[0] or not base_model:
+        predictor = ctx.holder.get()
+        if predictor is not None:
+            from lungvit.core.predict import bundled_model_path
+
+            source = ctx.holder.source or bundled_model_path()
+            if source is not None:
+                train["from_checkpoint"] = str(source)
+    else:
+        train["variant"] = base_model.split(" ")[0]
+    request = {"train": train, "workers": max(1, int(workers)), "use_gpu": bool(use_gpu)}
+    job_id = launch_job(request, db_url=ctx.paths.db_url, name=f"fine-tune {root.name}")
+    return job_id, f"Job {job_id} queued; its process is starting."
+
+
+def _eta(job: Any, series: dict[str, list[tuple[int, float]]], total: int | None) -> str:
+    steps = max((s for pts in series.values() for s, _ in pts), default=0)
+    if not total or not job.started_at or steps <= 0:
+        return ""
+    started = job.started_at.replace(tzinfo=job.started_at.tzinfo or timezone.utc)
+    elapsed = (datetime.now(timezone.utc) - started).total_seconds()
+    left = max(0.0, elapsed / steps * (total - steps))
+    return f", about {left / 60:.0f} min left" if left >= 90 else f", about {left:.0f} s left"
+
+
+def _expected_total(job: Any) -> int | None:
+    train = (job.resolved_config or {}).get("train", {})
+    value = train.get("max_steps")
+    return int(value) if value else None
+
+
+@user_errors
+def job_status(ctx: AppContext, job_id: float | None) -> tuple[str, Any, str, dict[str, Any]]:
+    """A job's live status, curves and the latest events.
+
+    Returns:
+        (status Markdown, curves figure, recent events text, timer update: stops
+        polling once the job has ended).
+    """
+    if job_id is None or job_id <= 0:
+        return "No job started yet.", None, "", gr.update(active=False)
+    with _store(ctx) as store:
+        job = store.get_job(int(job_id))
+        series = store.metrics(job.id)
+        events = store.events(job.id)
+    last_epoch = ""
+    step = max((s for pts in series.values() for s, _ in pts), default=0)
+    acc = [v for _, v in series.get("val/acc", []) if not math.isnan(v)]
+    if acc:
+        last_epoch = f", validation accuracy {acc[-1]:.1%}"
+    text = (f"**Job {job.id}: {job.status}** (attempt {job.attempt}), step {step}"
+            f"{last_epoch}{_eta(job, series, _expected_total(job)) if job.status == 'running' else ''}")
+    if job.error_text:
+        text += "\n\n" + html.escape(job.error_text.strip().splitlines()[-1])
+    log_text = "\n".join(f"{e.ts:%H:%M:%S} {e.message}" for e in events[-12:])
+    return text, plots.training_curves(series), log_text, gr.update(
+        active=job.status in ACTIVE)
+
+
+@user_errors
+def cancel_job(ctx: AppContext, job_id: float | None) -> str:
+    """Ask a job to stop (its process stops within seconds)."""
+    if not job_id:
+        raise gr.Error("No job to cancel")
+    with _store(ctx) as store:
+        status = store.request_cancel(int(job_id))
+    return f"Cancel requested for job {int(job_id)} (now {status})."
+
+
+def _result_report(ctx: AppContext, job: Any) -> dict[str, Any]:
+    """The final evaluation kept in the job's resulting checkpoint (per class, matrix)."""
+    if not job.result_checkpoint_path or not Path(job.result_checkpoint_path).is_file():
+        return {}
+    from lungvit.core.checkpoint import read_checkpoint_info
+
+    metrics = read_checkpoint_info(job.result_checkpoint_path).metrics
+    return {"test": metrics.get("test") or {}, "val": metrics.get("val") or {}}
+
+
+@user_errors
+def job_results(ctx: AppContext, job_id: float | None
+                ) -> tuple[list[list[Any]], Any, str, dict[str, Any]]:
+    """Per-class metrics, confusion matrix and calibration of a finished job.
+
+    Returns:
+        (per-class rows, confusion matrix figure, calibration Markdown, update of the
+        "use this model" button).
+    """
+    if not job_id:
+        return [], None, "", gr.update(interactive=False)
+    with _store(ctx) as store:
+        job = store.get_job(int(job_id))
+        final = store.final_metrics(job.id)
+    report = _result_report(ctx, job).get("test", {})
+    rows = [[label, round(m.get("precision", 0), 3), round(m.get("recall", 0), 3),
+             round(m.get("f1", 0), 3), m.get("support", 0)]
+            for label, m in (report.get("per_class") or {}).items()]
+    fig = (plots.confusion_matrix(report["confusion_matrix"], report["labels"])
+           if report.get("confusion_matrix") else None)
+    calib = []
+    for key, name in (("test/acc", "Test accuracy"), ("test/macro_f1", "Test macro F1"),
+                      ("test/ece", "Expected calibration error (test, after scaling)"),
+                      ("temperature", "Softmax temperature")):
+        if key in final and not math.isnan(final[key]):
+            calib.append(f"- {name}: {final[key]:.3f}")
+    done = job.status == "succeeded" and bool(job.result_checkpoint_path)
+    return rows, fig, "\n".join(calib) or "No results yet.", gr.update(interactive=done)
+
+
+@user_errors
+def use_job_model(ctx: AppContext, job_id: float | None) -> str:
+    """Serve a finished job's model from now on (no restart) and mark it promoted."""
+    if not job_id:
+        raise gr.Error("Pick a finished job first")
+    with _store(ctx) as store:
+        job = store.get_job(int(job_id))
+        if job.status != "succeeded" or not job.result_checkpoint_path:
+            raise gr.Error(f"Job {job.id} is {job.status}; only a finished job's model can be used")
+        ckpts = [c for c in store.checkpoints(job.id) if c.path == job.result_checkpoint_path]
+        ctx.holder.load(job.result_checkpoint_path)
+        if ckpts:
+            store.promote(job.id, ckpts[-1].version)
+    return f"Now serving the model of job {job.id}: {ctx.holder.describe()}"
+
+
+# ----------------------------------------------------------------------------- runs tab
+@user_errors
+def list_runs(ctx: AppContext) -> tuple[list[list[Any]], dict[str, Any], dict[str, Any],
+                                        dict[str, Any]]:
+    """Every job in the store, newest first, and the run pickers' choices."""
+    with _store(ctx) as store:
+        jobs = store.list_jobs(limit=200)
+        rows = []
+        for j in jobs:
+            acc = (j.final_metrics or {}).get("test/acc")
+            rows.append([j.id, j.name or "", str(j.status), f"{j.created_at:%Y-%m-%d %H:%M}",
+                         j.attempt, round(acc, 4) if isinstance(acc, float) else None])
+    choices = [str(j.id) for j in jobs]
+    first = choices[0] if choices else None
+    second = choices[1] if len(choices) > 1 else first
+    return (rows, gr.update(choices=choices, value=first),
+            gr.update(choices=choices, value=first), gr.update(choices=choices, value=second))
+
+
+@user_errors
+def run_details(ctx: AppContext, job_id: str | None
+                ) -> tuple[Any, Any, list[list[Any]], dict[str, Any], str]:
+    """One run: curves, confusion matrix, per-class table, configuration, model card."""
+    if not job_id:
+        return None, None, [], {}, "Select a run."
+    rows, cm, _, _ = job_results(ctx, float(job_id))
+    with _store(ctx) as store:
+        job = store.get_job(int(job_id))
+        series = store.metrics(job.id)
+    card = "This run has no model yet."
+    if job.result_checkpoint_path and Path(job.result_checkpoint_path).is_file():
+        from lungvit.core.checkpoint import read_checkpoint_info
+        from lungvit.core.model_card import model_card
+
+        card = model_card(read_checkpoint_info(job.result_checkpoint_path))
+    config = json.loads(json.dumps(job.resolved_config or job.request_config, default=str))
+    return plots.training_curves(series), cm, rows, config, card
+
+
+@user_errors
+def compare_runs(ctx: AppContext, job_a: str | None, job_b: str | None) -> list[list[Any]]:
+    """Final metrics of two runs side by side."""
+    if not job_a or not job_b:
+        raise gr.Error("Pick two runs to compare")
+    with _store(ctx) as store:
+        table = store.compare(int(job_a), int(job_b))
+    return [[name, _num(a), _num(b)] for name, (a, b) in table.items()]
+
+
+def _num(v: float | None) -> float | None:
+    return None if v is None or math.isnan(v) else round(v, 4)
+
+
+@user_errors
+def resume_run(ctx: AppContext, job_id: str | None) -> str:
+    """Continue an interrupted run from its last checkpoint."""
+    from lungvit.training.jobs import resume_job
+
+    if not job_id:
+        raise gr.Error("Select an interrupted run")
+    resume_job(int(job_id), db_url=ctx.paths.db_url)
+    return f"Run {int(job_id)} is resuming from its last checkpoint."
+
+
+# ----------------------------------------------------------------------------- model tab
+@user_errors
+def model_summary(ctx: AppContext) -> tuple[str, str, dict[str, Any]]:
+    """(banner Markdown, model card Markdown, target class choices) of the served model."""
+    from lungvit.app.handlers import PREDICTED
+    from lungvit.core.model_card import model_card
+
+    predictor = ctx.holder.get()
+    if predictor is None:
+        banner = ("**No model is loaded.** " + html.escape(ctx.holder.error or "")
+                  + " Load a checkpoint in the Model tab.")
+        return banner, "No model loaded.", gr.update(choices=[PREDICTED], value=PREDICTED)
+    banner = f"Serving **{html.escape(ctx.holder.describe())}**."
+    if ctx.holder.is_demo():
+        banner = ("**Demo model: not for clinical use.** It was trained on synthetic "
+                  "phantoms only. " + banner)
+    else:
+        banner = "Research software, not a medical device. " + banner
+    return (banner, model_card(predictor.info),
+            gr.update(choices=[PREDICTED, *predictor.labels], value=PREDICTED))
+
+
+@user_errors
+def load_model_file(ctx: AppContext, upload: Any, reference: bool, labels: str | None
+                    ) -> tuple[str, str, dict[str, Any]]:
+    """Serve an uploaded LungViT checkpoint, or import a reference-design ``.pth``."""
+    if not upload:
+        raise gr.Error("Upload a checkpoint file first")
+    src = Path(upload if isinstance(upload, str) else upload.name)
+    ctx.paths.models_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    if reference:
+        from lungvit.core.checkpoint import import_reference, save_checkpoint
+
+        names = [x.strip() for x in (labels or "").split(",") if x.strip()] or None
+        model, info = import_reference(src, labels=names)
+        dest = ctx.paths.models_dir / f"imported-{stamp}.safetensors"
+        save_checkpoint(dest, model, info)
+    else:
+        dest = ctx.paths.models_dir / f"{stamp}-{Path(src.name).name}"
+        shutil.copyfile(src, dest)
+    try:
+        ctx.holder.load(dest)
+    except Exception:
+        dest.unlink(missing_ok=True)
+        raise
+    return model_summary(ctx)
+

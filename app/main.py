@@ -1,0 +1,131 @@
+"""``lungvit-app``: start the LungViT web app on this computer.
+
+Loopback only unless told otherwise; a server reachable from the network needs
+``--auth``. Torch and the model load after the page is served.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import logging
+import os
+import shutil
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from lungvit.app.security import AuthError, is_loopback, parse_auth
+
+EXIT_USAGE = 2
+log = logging.getLogger("lungvit.app")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``lungvit-app``."""
+    p = argparse.ArgumentParser(
+        prog="lungvit-app",
+        description="Start the LungViT web app: predict and explain chest X-ray / retinal "
+                    "OCT scans, fine-tune on your own data, manage runs and models. Open the "
+                    "printed URL in a browser.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this computer only); "
+                        "another address needs --auth")
+    p.add_argument("--port", type=int, default=7860,
+                   help="port (default 7860; 0: any free port)")
+    p.add_argument("--model", metavar="MODEL",
+                   help="checkpoint to serve (.safetensors, or a reference-design .pth); "
+                        "default: the bundled demo model")
+    p.add_argument("--db", metavar="URL",
+                   help="tracking store (SQLAlchemy URL); default: a SQLite file in the "
+                        "data directory")
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="where the app keeps models, runs and scratch files (default "
+                        "$LUNGVIT_HOME or ~/.local/share/lungvit)")
+    p.add_argument("--auth", metavar="USER:PASS|FILE",
+                   help="require a login: USER:PASSWORD, or a file of such lines")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer to this Host name (e.g. behind a reverse proxy)")
+    return p
+
+
+def _prepare_temp(work_dir: Path) -> Path:
+    """A private upload cache for this process, removed at exit."""
+    temp = work_dir / f"gradio-{os.getpid()}"
+    temp.mkdir(parents=True, exist_ok=True)
+    os.environ["GRADIO_TEMP_DIR"] = str(temp)  # read when the components are created
+    atexit.register(shutil.rmtree, temp, ignore_errors=True)
+    return temp
+
+
+def _warm_up(context: object) -> None:
+    """Load torch and the model in the background so the first prediction is quick."""
+    try:
+        context.holder.get()  # type: ignore[attr-defined]
+    except Exception:  # reported again, readably, on first use
+        log.exception("loading the model failed")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``lungvit-app``; returns the exit code (2: unsafe or invalid options)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own startup probes
+    auth = None
+    if args.auth:
+        try:
+            auth = parse_auth(args.auth)
+        except AuthError as exc:
+            print(f"lungvit-app: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    if not is_loopback(args.host) and auth is None:
+        print(f"lungvit-app: refusing to listen on {args.host} without a login: anyone on "
+              "the network could read the scans and run jobs. Add --auth USER:PASSWORD (or "
+              "a file of such lines), or keep the default --host 127.0.0.1.", file=sys.stderr)
+        return EXIT_USAGE
+    if not 0 <= args.port <= 65535:
+        print("lungvit-app: --port must be 0..65535", file=sys.stderr)
+        return EXIT_USAGE
+    if args.model and not Path(args.model).is_file():
+        print(f"lungvit-app: no such model file: {args.model}", file=sys.stderr)
+        return EXIT_USAGE
+
+    from lungvit.app.state import make_context
+
+    ctx = make_context(args.model, db_url=args.db, data_dir=args.data_dir)
+    _prepare_temp(ctx.paths.work_dir)
+    from lungvit.training.jobs import recover_interrupted
+
+    recovered = recover_interrupted(ctx.paths.db_url)
+    if recovered:
+        log.info("marked interrupted (resumable in the Runs tab): jobs %s", recovered)
+
+    from lungvit.app.ui import build_app, launch_options
+
+    app = build_app(ctx)
+    options = launch_options(app, host=args.host, port=args.port or _free_port(args.host),
+                             auth=auth, extra_hosts=tuple(args.allow_host))
+    threading.Thread(target=_warm_up, args=(ctx,), name="model-warm-up", daemon=True).start()
+    try:
+        app.launch(prevent_thread_lock=True, **options)
+        shown = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
+        print(f"LungViT is running at http://{shown}:{app.server_port}/ (Ctrl-C to stop)",
+              flush=True)
+        app.block_thread()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        app.close()
+    return 0
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""``build_app(...) -> gr.Blocks``: the LungViT app, and the options it is launched with."""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from lungvit.app import handlers_train as t
+from lungvit.app.security import HostCheckMiddleware, allowed_host_names
+from lungvit.app.state import AppContext, make_context
+from lungvit.app.ui_finetune import build_finetune_tab
+from lungvit.app.ui_predict import build_predict_tab
+from lungvit.app.ui_runs import build_model_tab, build_runs_tab
+
+MAX_UPLOAD = "1gb"
+CSS = """
+#banner {padding: 0.5em 1em; border-radius: 6px; background: var(--block-background-fill);
+         border-left: 5px solid #d97706; margin-bottom: 0.3em}
+#prediction h3 {margin: 0.2em 0}
+"""
+
+
+def build_app(context: AppContext | None = None, *, model: str | Path | None = None,
+              db_url: str | None = None, data_dir: str | Path | None = None,
+              model_concurrency: int = 2, max_queue: int = 64) -> gr.Blocks:
+    """Build the LungViT Blocks app (nothing heavy is loaded until first use).
+
+    Args:
+        context: the served model and folders; built from the other arguments if None.
+        model: a checkpoint to serve (None: the bundled demo model).
+        db_url: the tracking store's URL.
+        data_dir: the app's data directory.
+        model_concurrency: events that may run the network at once.
+        max_queue: queued events at most; more are refused with a "busy" message.
+
+    Returns:
+        The Blocks app; launch it with ``app.launch(**launch_options(context, ...))``.
+    """
+    ctx = context or make_context(model, db_url=db_url, data_dir=data_dir)
+    with gr.Blocks(title="LungViT", delete_cache=(3600, 86400)) as app:
+        app.lungvit_context = ctx  # type: ignore[attr-defined]  # for launch_options
+        with gr.Row():
+            gr.Markdown("## LungViT: chest X-ray and retinal OCT classifier", scale=0,
+                        min_width=420)
+            banner = gr.Markdown("Loading the model...", elem_id="banner")
+        with gr.Tabs():
+            with gr.Tab("Predict & explain", id="predict"):
+                target = build_predict_tab(ctx, model_concurrency)
+            with gr.Tab("Fine-tune", id="finetune"):
+                build_finetune_tab(ctx)
+            with gr.Tab("Runs", id="runs"):
+                run_outputs = build_runs_tab(ctx)
+            with gr.Tab("Model", id="model"):
+                card, load, upload, reference, labels = build_model_tab(ctx)
+        summary = partial(t.model_summary, ctx)
+        app.load(summary, None, [banner, card, target], api_name="model_summary")
+        load.click(partial(t.load_model_file, ctx), [upload, reference, labels],
+                   [banner, card, target], api_name="load_model", concurrency_limit=1)
+        app.load(partial(t.list_runs, ctx), None, run_outputs, api_name="list_runs_on_load")
+    app.queue(max_size=max_queue, default_concurrency_limit=4)
+    return app
+
+
+def launch_options(app: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = None,
+                   auth: list[tuple[str, str]] | None = None, extra_hosts: tuple[str, ...] = ()
+                   ) -> dict[str, Any]:
+    """Keyword arguments for ``app.launch``: limits, blocked paths, the Host check, theme.
+
+    Args:
+        app: an app from :func:`build_app`.
+        host: the address the server binds.
+        port: its port (None: Gradio picks one).
+        auth: (user, password) pairs, or None.
+        extra_hosts: further Host names to accept (e.g. a reverse proxy's).
+
+    Returns:
+        The options.
+    """
+    from starlette.middleware import Middleware
+
+    ctx: AppContext = app.lungvit_context  # type: ignore[attr-defined]
+    p = ctx.paths
+    blocked = [p.models_dir, p.data_dir / "runs"]
+    if p.db_file is not None:
+        blocked += [p.db_file, p.db_file.parent / "runs"]
+        blocked += [p.db_file.with_name(p.db_file.name + s) for s in ("-wal", "-shm")]
+    if ctx.holder.source is not None:
+        blocked.append(ctx.holder.source.resolve())
+    middleware = [Middleware(HostCheckMiddleware, allowed=allowed_host_names(host, extra_hosts))]
+    return {
+        "server_name": host, "server_port": port, "auth": auth,
+        "max_file_size": MAX_UPLOAD, "allowed_paths": [],
+        "blocked_paths": [str(b) for b in blocked], "show_error": False,
+        "app_kwargs": {"middleware": middleware}, "theme": gr.themes.Soft(primary_hue="blue"),
+        "css": CSS, "footer_links": ["api"], "run_history": False, "quiet": True, "ssr_mode": False,
+    }

@@ -1,0 +1,75 @@
+"""The Fine-tune tab: check a dataset, start one job, follow it, use its model."""
+from __future__ import annotations
+
+from functools import partial
+
+import gradio as gr
+
+from lungvit.app import handlers_train as t
+from lungvit.app.state import AppContext
+
+POLL_S = 2.0
+
+
+def build_finetune_tab(ctx: AppContext, data_dir_hint: str = "") -> None:
+    """Lay out the tab and wire its events."""
+    gr.Markdown("Fine-tune the model on your own labelled scans: a folder with one "
+                "sub-folder per class (e.g. `lung-normal/`, `lung-covid/`). Nothing starts "
+                "until you press **Fine-tune**.")
+    with gr.Row(equal_height=True):
+        folder = gr.Textbox(label="Dataset folder on this computer", placeholder=data_dir_hint
+                            or "/path/to/dataset", scale=3, elem_id="dataset-folder")
+        archive = gr.File(label="...or upload a zip", file_types=[".zip"], type="filepath",
+                          scale=2, height=90)
+        check = gr.Button("Check dataset", scale=1)
+    summary = gr.Markdown(elem_id="dataset-summary")
+    counts = gr.Dataframe(headers=["class", "images", "train", "validation", "test", "note"],
+                          interactive=False, label="What the run would see")
+    resolved = gr.Textbox(visible=False)
+    with gr.Accordion("Advanced settings", open=False):
+        with gr.Row():
+            epochs = gr.Number(5, label="Epochs", precision=0, minimum=1)
+            max_steps = gr.Number(0, label="Stop after N steps (0: no limit)", precision=0,
+                                  minimum=0)
+            batch = gr.Number(32, label="Batch size", precision=0, minimum=1)
+            lr = gr.Number(3e-4, label="Learning rate", minimum=0)
+        with gr.Row():
+            workers = gr.Number(1, label="Ray workers", precision=0, minimum=1)
+            gpu = gr.Checkbox(False, label="Use GPUs (one per worker)")
+            base = gr.Dropdown(list(t.BASE_MODELS), value=t.BASE_MODELS[0],
+                               label="Start from")
+    with gr.Row():
+        start = gr.Button("Fine-tune", variant="primary", elem_id="finetune-button")
+        cancel = gr.Button("Cancel", variant="stop")
+        job = gr.Number(0, label="Job", precision=0, interactive=False, min_width=80,
+                        elem_id="job-id")
+    status = gr.Markdown("No job started yet.", elem_id="job-status")
+    curves = gr.Plot(label="Loss and accuracy")
+    events = gr.Textbox(label="Job log", lines=5, max_lines=8, interactive=False)
+    with gr.Accordion("Results", open=True):
+        with gr.Row():
+            per_class = gr.Dataframe(headers=["class", "precision", "recall", "F1", "images"],
+                                     interactive=False, label="Per class (test split)")
+            cm = gr.Plot(label="Confusion matrix")
+        calibration = gr.Markdown()
+        with gr.Row():
+            use = gr.Button("Use this model", variant="primary", interactive=False,
+                            elem_id="use-model")
+            used = gr.Markdown()
+    timer = gr.Timer(POLL_S, active=False)
+
+    dataset = [folder, archive]
+    check.click(partial(t.preview_dataset, ctx), dataset, [summary, counts, resolved],
+                api_name="preview_dataset")
+    status_fn = partial(t.job_status, ctx)
+    results_fn = partial(t.job_results, ctx)
+    start.click(partial(t.start_finetune, ctx),
+                [*dataset, epochs, workers, gpu, batch, lr, base, max_steps],
+                [job, status], api_name="start_finetune", concurrency_limit=1,
+                ).success(status_fn, job, [status, curves, events, timer], api_name="job_status")
+    timer.tick(status_fn, job, [status, curves, events, timer], api_name="poll_job",
+               show_progress="hidden").then(results_fn, job, [per_class, cm, calibration, use],
+                                           api_name="job_results", show_progress="hidden")
+    cancel.click(partial(t.cancel_job, ctx), job, status, api_name="cancel_job")
+    use.click(partial(t.use_job_model, ctx), job, used, api_name="use_job_model",
+              concurrency_limit=1)

@@ -1,0 +1,101 @@
+"""The Predict & explain tab."""
+from __future__ import annotations
+
+from functools import partial
+
+import gradio as gr
+
+from lungvit.app import handlers as h
+from lungvit.app.state import AppContext
+
+MODEL = "model"  # concurrency group of every event that runs the network
+
+
+def preset_values(preset: str) -> tuple[float | None, float | None]:
+    """The level and width a preset stands for (blank for the file's own window)."""
+    window = h.WINDOW_PRESETS.get(preset)
+    return (window[0], window[1]) if window else (None, None)
+
+
+def to_custom() -> str:
+    """Editing the level or width switches the preset to Custom."""
+    return "Custom"
+
+
+def build_predict_tab(ctx: AppContext, model_limit: int) -> gr.Dropdown:
+    """Lay out the tab and wire its events. Returns the target-class dropdown (its choices
+    follow the served model)."""
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1, min_width=280):
+            files = gr.File(label="Scans: DICOM, PNG, JPEG, or a zip of them",
+                            file_count="multiple", type="filepath", height=140,
+                            elem_id="scan-upload")
+            run = gr.Button("Predict", variant="primary", elem_id="predict-button")
+            selected = gr.Dropdown(label="Scan shown", choices=[], allow_custom_value=True,
+                                   interactive=True)
+            with gr.Group():
+                preset = gr.Radio(list(h.WINDOW_PRESETS), value="File default",
+                                  label="Display window (DICOM)")
+                with gr.Row():
+                    center = gr.Number(label="Level (center)", precision=1, min_width=100)
+                    width = gr.Number(label="Width", precision=1, minimum=1, min_width=100)
+            show_phi = gr.Checkbox(False, label="Show patient identifiers (PHI)")
+        with gr.Column(scale=2):
+            with gr.Row():
+                viewer = gr.Image(label="What the model saw (after windowing)", type="numpy",
+                                  format="png", interactive=False, height=340,
+                                  elem_id="scan-viewer")
+                model_input = gr.Image(label="Network input", type="numpy", format="png",
+                                       interactive=False, height=180, min_width=160,
+                                       scale=0)
+            flags = gr.Markdown("Upload a scan to see the model's answer.", elem_id="prediction")
+            probs = gr.Label(label="Calibrated probabilities", num_top_classes=9,
+                             elem_id="probabilities")
+    with gr.Accordion("Scan metadata (identifiers hidden unless shown above)", open=False):
+        meta = gr.JSON(label="Metadata")
+    with gr.Accordion("All uploaded scans", open=True):
+        table = gr.Dataframe(headers=h.TABLE_HEADERS, interactive=False, wrap=True,
+                             label="Results")
+        table_csv = gr.File(label="Results as CSV", interactive=False)
+
+    gr.Markdown("### Explain")
+    with gr.Row():
+        methods = gr.CheckboxGroup(list(h.METHOD_LABELS), value=["Attention rollout"],
+                                   label="Methods", scale=3)
+        with gr.Column(scale=1, min_width=220):
+            target = gr.Dropdown([h.PREDICTED], value=h.PREDICTED, label="Class to explain",
+                                 allow_custom_value=True)
+            opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
+            explain = gr.Button("Explain", variant="primary", elem_id="explain-button")
+    gallery = gr.Gallery(label="Explanations (each with its faithfulness scores)", columns=4,
+                         height=320, object_fit="contain", elem_id="explanations")
+    faith = gr.Dataframe(headers=h.FAITH_HEADERS, interactive=False,
+                         label="Faithfulness: lower deletion / higher insertion AUC than the "
+                               "random map's means the map follows the model's evidence")
+    downloads = gr.File(label="Overlays and the scan's report (HTML)", file_count="multiple",
+                        interactive=False)
+
+    window_inputs = [preset, center, width]
+    view_outputs = [viewer, model_input, probs, flags, meta]
+    view = partial(h.show_scan, ctx)
+    common = {"concurrency_limit": model_limit, "concurrency_id": MODEL}
+    for trigger, name in ((run.click, "predict"), (files.upload, "upload")):
+        trigger(partial(h.predict_batch, ctx), [files, *window_inputs],
+                [table, table_csv, selected], api_name=f"{name}_batch", **common
+                ).success(view, [files, selected, *window_inputs, show_phi], view_outputs,
+                          api_name=name, **common)
+    selected.input(view, [files, selected, *window_inputs, show_phi], view_outputs,
+                   api_name="show_scan", **common)
+    show_phi.input(view, [files, selected, *window_inputs, show_phi], view_outputs,
+                   api_name="show_scan_phi", **common)
+    preset.input(preset_values, preset, [center, width], api_name="window_preset",
+                 queue=False).then(view, [files, selected, *window_inputs, show_phi],
+                                   view_outputs, api_name="show_scan_window", **common)
+    for box, name in ((center, "level"), (width, "width")):
+        box.submit(to_custom, None, preset, api_name=f"window_{name}", queue=False).then(
+            view, [files, selected, *window_inputs, show_phi], view_outputs,
+            api_name=f"show_scan_{name}", **common)
+    explain.click(partial(h.explain_scan, ctx),
+                  [files, selected, *window_inputs, methods, target, opacity],
+                  [gallery, faith, downloads], api_name="explain", **common)
+    return target

@@ -1,0 +1,204 @@
+"""Every API of the app through gradio_client: predict, explain, runs, model, fine-tune."""
+from __future__ import annotations
+
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+from .conftest import PHI_NAME  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def client(running_app: tuple[str, object]) -> Client:
+    return Client(running_app[0], verbose=False)
+
+
+def _view(client: Client, files: list[Path], preset: str = "File default",
+          center: float | None = None, width: float | None = None, phi: bool = False) -> tuple:
+    return client.predict([handle_file(str(f)) for f in files], None, preset, center, width,
+                          phi, api_name="/predict")
+
+
+def test_api_lists_named_endpoints(client: Client) -> None:
+    names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    for name in ("/predict", "/predict_batch", "/explain", "/show_scan", "/start_finetune",
+                 "/job_status", "/cancel_job", "/use_job_model", "/list_runs", "/run_details",
+                 "/compare_runs", "/resume_run", "/model_summary", "/load_model",
+                 "/preview_dataset"):
+        assert name in names, name
+
+
+def test_predict_dicom_hides_phi_by_default(client: Client, scans: dict[str, Path],
+                                            running_app: tuple[str, object]) -> None:
+    image, model_input, probs, flags, meta = _view(client, [scans["dicom"]])
+    shown = np.asarray(Image.open(image))
+    assert shown.shape[:2] == (96, 80)
+    assert np.asarray(Image.open(model_input)).shape[:2] == (64, 64)
+    confidences = {c["label"]: c["confidence"] for c in probs["confidences"]}
+    labels = running_app[1].holder.get().labels  # type: ignore[attr-defined]
+    assert set(confidences) == set(labels)
+    assert sum(confidences.values()) == pytest.approx(1.0, abs=1e-4)
+    assert probs["label"] == max(confidences, key=confidences.get)
+    assert probs["label"] in flags
+    assert meta["source_format"] == "dicom" and meta["modality"] == "DX"
+    assert "phi" not in meta and PHI_NAME not in str(meta)
+    *_, meta_phi = _view(client, [scans["dicom"]], phi=True)
+    assert meta_phi["phi"]["PatientName"] == PHI_NAME
+
+
+def test_window_presets_rerun_the_pipeline(client: Client, scans: dict[str, Path]) -> None:
+    default = np.asarray(Image.open(_view(client, [scans["dicom"]])[0]), dtype=np.int16)
+    narrow = _view(client, [scans["dicom"]], "Custom", 2500, 200)
+    img = np.asarray(Image.open(narrow[0]), dtype=np.int16)
+    assert narrow[4]["window"]["kind"] == "window"
+    assert narrow[4]["window"]["center"] == pytest.approx(2500)
+    assert np.abs(img - default).mean() > 5  # a narrow window changes what the model sees
+    with pytest.raises(AppError, match="width of at least 1"):
+        _view(client, [scans["dicom"]], "Custom", None, None)
+
+
+def test_batch_table_and_csv(client: Client, scans: dict[str, Path], tmp_path: Path) -> None:
+    archive = tmp_path / "batch.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(scans["png"], "study/retina.png")
+        zf.write(scans["dicom"], "study/chest.dcm")
+        zf.writestr("../../evil.png", b"x")
+    table, csv_path, selector = client.predict(
+        [handle_file(str(archive)), handle_file(str(scans["text"]))], "File default", None,
+        None, api_name="/predict_batch")
+    rows = {r[0]: r for r in table["data"]}
+    assert set(rows) == {"study/chest.dcm", "study/retina.png", "notes.dcm"}
+    assert rows["notes.dcm"][1] == "" and "not read" in rows["notes.dcm"][5]
+    assert rows["study/chest.dcm"][1] and 0 < rows["study/chest.dcm"][2] <= 1
+    text = Path(csv_path).read_text()
+    assert text.splitlines()[0].startswith("file,prediction,confidence")
+    assert len(text.strip().splitlines()) == 4
+    assert selector["value"] == "study/retina.png" or selector["value"] in rows
+
+
+def test_unreadable_file_gives_a_readable_error(client: Client, scans: dict[str, Path]) -> None:
+    with pytest.raises(AppError) as exc:
+        _view(client, [scans["text"]])
+    message = str(exc.value)
+    assert "notes.dcm" in message and "Traceback" not in message
+    assert str(scans["text"].parent) not in message
+
+
+def test_explain_returns_overlays_faithfulness_and_report(client: Client,
+                                                          scans: dict[str, Path]) -> None:
+    gallery, faith, downloads = client.predict(
+        [handle_file(str(scans["dicom"]))], None, "File default", None, None,
+        ["Attention rollout", "Grad-CAM"], "lung-normal", 0.6, api_name="/explain")
+    assert len(gallery) == 2
+    overlay = np.asarray(Image.open(gallery[0]["image"]).convert("RGB"))
+    assert overlay.shape[:2] == (96, 80)
+    assert "deletion" in gallery[0]["caption"] and "lung-normal" in gallery[0]["caption"]
+    rows = faith["data"]
+    assert [r[0] for r in rows] == ["rollout", "gradcam"]
+    assert all(r[1] == "lung-normal" and 0 <= r[2] <= 1 and 0 <= r[4] <= 1 for r in rows)
+    names = [Path(d).name for d in downloads]
+    assert names == ["chest-rollout.png", "chest-gradcam.png", "chest-report.html"]
+    report = Path(downloads[-1]).read_text()
+    assert "data:image/png;base64," in report and "tiny.safetensors" in report
+    assert PHI_NAME not in report and "SENTINEL-42" not in report
+    with pytest.raises(AppError, match="at least one"):
+        client.predict([handle_file(str(scans["dicom"]))], None, "File default", None, None,
+                       [], "Predicted class", 0.5, api_name="/explain")
+
+
+def test_model_summary_and_loading(client: Client, tiny_checkpoint: Path,
+                                   scans: dict[str, Path]) -> None:
+    banner, card, target = client.predict(api_name="/model_summary")
+    assert "tiny.safetensors" in banner and "not a medical device" in banner
+    assert card.startswith("# LungViT model card")
+    assert "lung-covid" in str(target)
+    banner, card, _ = client.predict(handle_file(str(tiny_checkpoint)), False, "",
+                                     api_name="/load_model")
+    assert "tiny.safetensors" in banner
+    with pytest.raises(AppError) as exc:
+        client.predict(handle_file(str(scans["png"])), False, "", api_name="/load_model")
+    assert "Traceback" not in str(exc.value)
+    assert "tiny.safetensors" in client.predict(api_name="/model_summary")[0]
+
+
+def test_runs_from_the_store(client: Client, running_app: tuple[str, object]) -> None:
+    from lungvit.training.store import open_store
+
+    ctx = running_app[1]
+    with open_store(ctx.paths.db_url) as store:  # type: ignore[attr-defined]
+        a = store.create_job({"train": {"data": "/x"}}, name="run a")
+        b = store.create_job({"train": {"data": "/y"}}, name="run b")
+        store.record_metrics(a, 1, {"train/loss": 2.0})
+        store.record_metrics(a, 2, {"train/loss": 1.5, "val/acc": 0.5})
+        store.record_metrics(b, 2, {"val/acc": 0.75})
+    table, run, first, second = client.predict(api_name="/list_runs")
+    ids = [r[0] for r in table["data"]]
+    assert a in ids and b in ids
+    assert {str(a), str(b)} <= {c[0] for c in run["choices"]}
+    curves, cm, per_class, config, card = client.predict(str(a), api_name="/run_details")
+    assert curves is not None and cm is None and config["train"]["data"] == "/x"
+    assert "no model yet" in card
+    compared = client.predict(str(a), str(b), api_name="/compare_runs")
+    values = {r[0]: (r[1], r[2]) for r in compared["data"]}
+    assert values["val/acc"] == (0.5, 0.75)
+    with pytest.raises(AppError, match="only an interrupted job"):
+        client.predict(str(a), api_name="/resume_run")
+    status = client.predict(a, api_name="/job_status")
+    assert f"Job {a}: queued" in status[0]
+
+
+def test_preview_dataset(client: Client, tmp_path: Path) -> None:
+    from lungvit.core.cli import main as cli
+
+    assert cli(["demo-data", str(tmp_path / "ds"), "--per-class", "6", "--size", "64",
+                "--classes", "lung-normal", "lung-covid"]) == 0
+    (tmp_path / "ds" / "lung-normal" / "broken.png").write_bytes(b"")
+    summary, counts, root = client.predict(str(tmp_path / "ds"), None,
+                                           api_name="/preview_dataset")
+    assert "2 classes" in summary and "Ready" in summary
+    rows = {r[0]: r for r in counts["data"]}
+    assert rows["lung-covid"][1] == 6
+    assert rows["lung-covid"][2] + rows["lung-covid"][3] + rows["lung-covid"][4] == 6
+    with pytest.raises(AppError, match="No such folder"):
+        client.predict(str(tmp_path / "missing"), None, api_name="/preview_dataset")
+
+
+@pytest.mark.slow
+def test_finetune_to_completion_and_use(client: Client, tmp_path: Path,
+                                        running_app: tuple[str, object]) -> None:
+    """A tiny fine-tune through the API: start, follow, results, serve its model."""
+    from lungvit.core.cli import main as cli
+
+    data = tmp_path / "ft"
+    assert cli(["demo-data", str(data), "--per-class", "8", "--size", "64",
+                "--classes", "lung-normal", "lung-covid", "lung-oct-cnv"]) == 0
+    job_id, status = client.predict(str(data), None, 1, 1, False, 8, 1e-3,
+                                    "lungvit_tiny (from scratch)", 4, api_name="/start_finetune")
+    assert job_id > 0 and "queued" in status
+    deadline = time.monotonic() + 540
+    text = ""
+    while time.monotonic() < deadline:
+        text = client.predict(job_id, api_name="/job_status")[0]
+        if any(f": {s}**" in text for s in ("succeeded", "failed", "cancelled")):
+            break
+        time.sleep(3)
+    assert "succeeded" in text, text
+    per_class, cm, calibration, _ = client.predict(job_id, api_name="/job_results")
+    assert {r[0] for r in per_class["data"]} == {"lung-normal", "lung-covid", "lung-oct-cnv"}
+    assert cm is not None and "Test accuracy" in calibration
+    message = client.predict(job_id, api_name="/use_job_model")
+    assert f"job {job_id}" in message
+    banner = client.predict(api_name="/model_summary")[0]
+    assert "model.safetensors" in banner and "3 classes" in banner
+    from lungvit.training.store import open_store
+
+    with open_store(running_app[1].paths.db_url) as store:  # type: ignore[attr-defined]
+        assert any(c.promoted for c in store.checkpoints(job_id))

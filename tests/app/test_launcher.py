@@ -1,0 +1,88 @@
+"""``lungvit-app`` refuses unsafe options and serves its page from a subprocess."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from lungvit.app.main import EXIT_USAGE, build_parser, main
+
+from .conftest import free_port
+
+
+def test_help_names_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--host", "--port", "--model", "--db", "--data-dir", "--auth"):
+        assert option in out
+    assert build_parser().parse_args([]).host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.20.30.40"])
+def test_non_loopback_needs_auth(host: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--host", host]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--auth" in err and host in err
+
+
+def test_bad_auth_and_model_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--auth", "nopassword"]) == EXIT_USAGE
+    assert main(["--model", str(tmp_path / "missing.safetensors")]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "USER:PASSWORD" in err and "no such model file" in err
+
+
+def test_console_script_refuses_public_host_without_auth() -> None:
+    proc = subprocess.run([sys.executable, "-m", "lungvit.app.main", "--host", "0.0.0.0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == EXIT_USAGE
+    assert "refusing" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_launcher_serves_page_and_prints_url(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lungvit.app.main", "--port", str(port), "--model",
+         str(tiny_checkpoint), "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 180
+        status = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+                    status = r.status
+                    page = r.read().decode("utf-8", "replace")
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert status == 200, "the app did not serve its page"
+        while time.monotonic() < deadline and f"localhost:{port}" not in "".join(lines):
+            time.sleep(0.2)
+        assert "LungViT" in page
+        temp_dirs = list((tmp_path / "data" / "tmp").glob("gradio-*"))
+        assert temp_dirs, "the upload cache should live under the data directory"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        reader.join(timeout=10)
+    out = "".join(lines)
+    assert f"http://localhost:{port}/" in out
+    assert not list((tmp_path / "data" / "tmp").glob("gradio-*")), "upload cache not cleaned"

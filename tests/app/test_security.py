@@ -1,0 +1,140 @@
+"""The app refuses foreign Host headers, serves no private files, unpacks zips safely."""
+from __future__ import annotations
+
+import http.client
+import zipfile
+from pathlib import Path
+from urllib.parse import quote, urlparse
+
+import pytest
+
+from lungvit.app.security import (
+    AuthError, HostCheckMiddleware, allowed_host_names, host_of, is_loopback, parse_auth,
+)
+from lungvit.app.uploads import UploadError, ZipLimits, expand_uploads, extract_zip
+
+
+def _get(base: str, path: str, host: str | None = None) -> tuple[int, bytes]:
+    url = urlparse(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:
+        conn.putrequest("GET", path, skip_host=True)
+        conn.putheader("Host", host or f"127.0.0.1:{url.port}")
+        conn.endheaders()
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_loopback_names() -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("[::1]")
+    assert is_loopback("localhost") and is_loopback("127.0.0.2")
+    assert not is_loopback("0.0.0.0") and not is_loopback("::")
+    assert not is_loopback("10.1.2.3") and not is_loopback("192.168.0.5")
+
+
+def test_host_header_parsing() -> None:
+    assert host_of("127.0.0.1:7860") == "127.0.0.1"
+    assert host_of("[::1]:7860") == "::1"
+    assert host_of("LocalHost") == "localhost"
+    assert host_of("evil.example:80") == "evil.example"
+    names = allowed_host_names("127.0.0.1")
+    assert {"localhost", "127.0.0.1", "::1"} <= names and "evil.example" not in names
+    assert "10.0.0.7" in allowed_host_names("10.0.0.7")
+
+
+def test_parse_auth(tmp_path: Path) -> None:
+    assert parse_auth("ana:correct-horse") == [("ana", "correct-horse")]
+    with pytest.raises(AuthError):
+        parse_auth("ana")
+    with pytest.raises(AuthError, match="shorter than 8"):
+        parse_auth("ana:short")
+    f = tmp_path / "users.txt"
+    f.write_text("# clinicians\nana:correct-horse\n\nbo:battery-staple:x\n")
+    assert parse_auth(str(f)) == [("ana", "correct-horse"), ("bo", "battery-staple:x")]
+    f.write_text("# nobody\n")
+    with pytest.raises(AuthError, match="no USER:PASSWORD"):
+        parse_auth(str(f))
+
+
+@pytest.mark.anyio
+async def test_middleware_refuses_foreign_host() -> None:
+    calls = []
+
+    async def inner(scope, receive, send):  # type: ignore[no-untyped-def]
+        calls.append(scope["path"])
+
+    sent: list[dict] = []
+
+    async def send(message):  # type: ignore[no-untyped-def]
+        sent.append(message)
+
+    mw = HostCheckMiddleware(inner, {"127.0.0.1", "localhost"})
+    await mw({"type": "http", "path": "/a", "headers": [(b"host", b"evil.example")]},
+             None, send)  # type: ignore[arg-type]
+    await mw({"type": "http", "path": "/b", "headers": [(b"host", b"localhost:1")]},
+             None, send)  # type: ignore[arg-type]
+    await mw({"type": "http", "path": "/c", "headers": []}, None, send)  # type: ignore[arg-type]
+    assert calls == ["/b"]
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [421, 421]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def test_forged_host_refused(running_app: tuple[str, object]) -> None:
+    base, _ = running_app
+    assert _get(base, "/")[0] == 200
+    status, body = _get(base, "/", host="evil.example")
+    assert 400 <= status < 500 and b"Refused" in body
+    assert 400 <= _get(base, "/gradio_api/info", host="evil.example:80")[0] < 500
+    assert _get(base, "/", host="localhost")[0] == 200
+
+
+def test_file_route_serves_no_private_files(running_app: tuple[str, object],
+                                            tiny_checkpoint: Path) -> None:
+    base, ctx = running_app
+    db = ctx.paths.db_file  # type: ignore[attr-defined]
+    from lungvit.training.store import open_store
+
+    open_store(ctx.paths.db_url).close()  # type: ignore[attr-defined]
+    assert db is not None and db.is_file()
+    for target in ("/etc/passwd", str(db), str(tiny_checkpoint), str(Path.cwd() / "pyproject.toml")):
+        for route in ("/gradio_api/file=", "/file="):
+            status, body = _get(base, route + quote(target))
+            assert status >= 400, (route, target, status)
+            assert b"root:" not in body and b"SQLite" not in body
+
+
+def _zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return path
+
+
+def test_zip_extraction_is_contained(tmp_path: Path) -> None:
+    archive = _zip(tmp_path / "a.zip", {"../escape.png": b"x", "/abs/evil.png": b"x",
+                                         "ok/scan.png": b"png", "__MACOSX/._scan.png": b"x",
+                                         "C:/win.png": b"x"})
+    out = extract_zip(archive, tmp_path / "out")
+    assert [p.relative_to(tmp_path / "out").as_posix() for p in out] == ["ok/scan.png"]
+    assert not (tmp_path / "escape.png").exists()
+    files = expand_uploads([archive, tmp_path / "plain.png"], tmp_path / "scratch")
+    assert [f.name for f in files] == ["scan.png", "plain.png"]
+
+
+def test_zip_limits(tmp_path: Path) -> None:
+    bomb = _zip(tmp_path / "bomb.zip", {"big.png": b"\0" * (4 << 20)})
+    with pytest.raises(UploadError, match="refused"):
+        extract_zip(bomb, tmp_path / "o1", limits=ZipLimits(max_ratio=50))
+    many = _zip(tmp_path / "many.zip", {f"{i}.png": b"x" for i in range(5)})
+    with pytest.raises(UploadError, match="holds 5 files"):
+        extract_zip(many, tmp_path / "o2", limits=ZipLimits(max_files=4))
+    not_zip = tmp_path / "n.zip"
+    not_zip.write_bytes(b"PK\x03\x04garbage")
+    with pytest.raises(UploadError, match="not a readable zip"):
+        extract_zip(not_zip, tmp_path / "o3")
