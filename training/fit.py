@@ -1,0 +1,440 @@
+"""The training pipeline: data -> fit -> calibrate -> test -> core checkpoint.
+
+:func:`fit` is a plain function of a :class:`TrainConfig` so that the CLI calls it in
+process and a Ray Train worker calls it with its own strategy, plugins and callbacks.
+Its run folder holds what is needed to resume or repeat the run::
+
+    <run_dir>/config.yaml        the resolved configuration
+    <run_dir>/split.csv          the frozen train/val/test split
+    <run_dir>/checkpoints/*.ckpt resumable Lightning checkpoints (best k by val loss, last)
+    <run_dir>/logs/metrics.csv   scalar metrics per step / evaluation
+    <run_dir>/report.json        final validation and test metrics, temperature, timings
+
+The deliverable is ``cfg.out``: a core checkpoint (:func:`lungvit.core.checkpoint.save_checkpoint`)
+of the plain model with its labels, preprocessing, calibration temperature and provenance.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lungvit.core.checkpoint import CheckpointInfo, Provenance, load_checkpoint, save_checkpoint
+from lungvit.core.model import DEFAULT_VARIANT, VARIANTS, build_model, create_model
+from lungvit.core.predict import energy_score
+from lungvit.core.preprocess import PreprocessConfig
+from lungvit.training.augment import AugmentConfig
+from lungvit.training.calibration import fit_temperature
+from lungvit.training.config import TrainConfig, TrainConfigError
+from lungvit.training.data import DatasetError
+from lungvit.training.datamodule import ScanDataModule
+from lungvit.training.metrics import classification_report, scalar_metrics
+from lungvit.training.module import FreezeEarlyLayers, LungViTModule, class_weights_from_counts
+from lungvit.training.store.paths import default_data_dir
+
+log = logging.getLogger(__name__)
+
+# Inputs whose energy exceeds this quantile of the validation energies are flagged by the
+# Predictor as unlike the training data (about 1 in 100 familiar scans is flagged).
+OOD_ENERGY_QUANTILE = 0.99
+
+DEFAULT_INTENDED_USE = ("Research and evaluation of LungViT on data like its training set. "
+                        "Not a medical device: not for diagnosis or clinical decisions.")
+
+
+@dataclass
+class FitResult:
+    """What one training run produced.
+
+    Attributes:
+        run_dir: the run folder.
+        checkpoint: the core checkpoint written (None on non-zero distributed ranks).
+        metrics: validation report of the weights kept (best validation loss).
+        test_metrics: test report with the calibrated temperature.
+        test_metrics_uncalibrated: test report at temperature 1.
+        temperature: the fitted calibration temperature.
+        wall_time_s: seconds spent in ``Trainer.fit``.
+        epochs: epochs completed; steps: optimizer steps taken.
+        best_lightning_checkpoint: the resumable checkpoint with the lowest val loss, if any.
+        config: the resolved configuration.
+        data: the data module's summary (classes, counts, unreadable, too small, ...).
+        head_mapping: for fine-tuning, how the old head's labels were carried over.
+    """
+
+    run_dir: Path
+    checkpoint: Path | None
+    metrics: dict[str, Any]
+    test_metrics: dict[str, Any]
+    test_metrics_uncalibrated: dict[str, Any]
+    temperature: float
+    wall_time_s: float
+    epochs: int
+    steps: int
+    best_lightning_checkpoint: str | None
+    config: TrainConfig
+    data: dict[str, Any] = field(default_factory=dict)
+    head_mapping: dict[str, list[str]] | None = None
+
+
+# ----------------------------------------------------------------------------- resolving
+def resolve_precision(precision: str, accelerator: str = "auto") -> str:
+    """``"auto"`` -> bf16-mixed on a GPU that supports it, 16-mixed on other GPUs, else 32-true."""
+    if precision != "auto":
+        return precision
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if gpu:
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def default_run_dir(out: str | Path) -> Path:
+    """``<data dir>/runs/<out name>/version_<n>`` with the first unused ``n``."""
+    base = default_data_dir() / "runs" / Path(out).stem
+    n = 0
+    while (base / f"version_{n}").exists():
+        n += 1
+    return base / f"version_{n}"
+
+
+def resolve_config(cfg: TrainConfig) -> TrainConfig:
+    """Fill in what depends on the model: variant, input size, run folder; validate.
+
+    With ``from_checkpoint`` the variant and (unless given) the input size are the
+    checkpoint's; resuming without a ``run_dir`` continues in the checkpoint's run folder.
+    """
+    cfg = replace(cfg).validate()
+    if cfg.from_checkpoint is not None:
+        from lungvit.core.checkpoint import read_checkpoint_info
+
+        info = read_checkpoint_info(cfg.from_checkpoint)
+        if cfg.variant is not None and cfg.variant != info.variant:
+            log.warning("--variant %s ignored: fine-tuning keeps the architecture of %s (%s)",
+                        cfg.variant, Path(cfg.from_checkpoint).name, info.variant)
+        cfg.variant = info.variant
+        if cfg.input_size is None:
+            cfg.input_size = info.preprocess.input_size if info.preprocess else info.model.img_size
+    else:
+        cfg.variant = cfg.variant or DEFAULT_VARIANT
+        if cfg.variant not in VARIANTS:
+            raise TrainConfigError(f"unknown variant {cfg.variant!r}; choose one of "
+                                   f"{', '.join(VARIANTS)}")
+        cfg.input_size = cfg.input_size or VARIANTS[cfg.variant].img_size
+    if cfg.run_dir is None:
+        ckpt_dir = Path(cfg.resume_from).resolve().parent if cfg.resume_from else None
+        if ckpt_dir is not None and ckpt_dir.name == "checkpoints":
+            cfg.run_dir = str(ckpt_dir.parent)
+        else:
+            cfg.run_dir = str(default_run_dir(cfg.out))
+    if cfg.split_manifest is None:
+        cfg.split_manifest = str(Path(cfg.run_dir) / "split.csv")
+    return cfg
+
+
+def _preprocess_for(cfg: TrainConfig) -> PreprocessConfig:
+    if cfg.from_checkpoint is not None:
+        from lungvit.core.checkpoint import read_checkpoint_info
+
+        base = read_checkpoint_info(cfg.from_checkpoint).preprocess or PreprocessConfig()
+        return replace(base, input_size=cfg.input_size)
+    return PreprocessConfig(input_size=cfg.input_size)
+
+
+def build_datamodule(cfg: TrainConfig, *,
+                     progress: Callable[[int, int], None] | None = None) -> ScanDataModule:
+    """The data module of a resolved config, prepared and set up (splits fixed).
+
+    Raises:
+        DatasetError: the folder cannot be trained on (no classes, too few images, ...).
+    """
+    augment = AugmentConfig(**cfg.augment_options) if cfg.augment else None
+    dm = ScanDataModule(cfg.data, preprocess=_preprocess_for(cfg), batch_size=cfg.batch_size,
+                        num_workers=cfg.num_workers, seed=cfg.seed, val_frac=cfg.val_frac,
+                        test_frac=cfg.test_frac, augment=augment, cache_dir=cfg.cache_dir,
+                        min_per_class=cfg.min_per_class, split_manifest=cfg.split_manifest,
+                        progress=progress)
+    dm.prepare_data()
+    dm.setup("fit")
+    empty = [s for s in ("train", "val", "test") if not dm.splits[s]]
+    if empty:
+        raise DatasetError(
+            f"the {' and '.join(empty)} split(s) of {cfg.data} would be empty "
+            f"({len(dm.samples)} usable images; split file {cfg.split_manifest}): add images, "
+            "or start a new run folder if the split file belongs to other data")
+    return dm
+
+
+# ------------------------------------------------------------------------------ the model
+def adapt_model(model: nn.Module, old_labels: Sequence[str], new_labels: Sequence[str], *,
+                img_size: int | None = None) -> tuple[nn.Module, dict[str, list[str]]]:
+    """A copy of ``model`` with a head for ``new_labels`` (and inputs of ``img_size``).
+
+    Head rows are copied by label name for labels both lists share; new labels get the
+    fresh initialisation of :func:`lungvit.core.model.build_model`. A new input size
+    resamples the positional embedding over the new token grid.
+
+    Returns:
+        ``(model, mapping)`` with ``mapping`` = {"kept": [...], "new": [...], "dropped": [...]}.
+    """
+    old_cfg = model.lungvit_config
+    new_cfg = replace(old_cfg, num_classes=len(new_labels), img_size=img_size or old_cfg.img_size)
+    new = build_model(new_cfg)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if new_cfg.grid_size != old_cfg.grid_size:
+        state["pos_embed"] = resample_abs_pos_embed(
+            state["pos_embed"], new_size=list(new_cfg.grid_size),
+            old_size=list(old_cfg.grid_size), num_prefix_tokens=1)
+    old_index = {label: i for i, label in enumerate(old_labels)}
+    weight, bias = new.head.weight.detach().clone(), new.head.bias.detach().clone()
+    for i, label in enumerate(new_labels):
+        if label in old_index:
+            weight[i] = state["head.weight"][old_index[label]]
+            bias[i] = state["head.bias"][old_index[label]]
+    state["head.weight"], state["head.bias"] = weight, bias
+    new.load_state_dict(state)
+    mapping = {"kept": [x for x in new_labels if x in old_index],
+               "new": [x for x in new_labels if x not in old_index],
+               "dropped": [x for x in old_labels if x not in set(new_labels)]}
+    return new, mapping
+
+
+def build_training_model(cfg: TrainConfig, classes: Sequence[str]
+                         ) -> tuple[nn.Module, dict[str, list[str]] | None]:
+    """From scratch (``cfg.variant``) or from ``cfg.from_checkpoint`` with its head remapped."""
+    if cfg.from_checkpoint is None:
+        return create_model(cfg.variant, num_classes=len(classes), img_size=cfg.input_size), None
+    base, info = load_checkpoint(cfg.from_checkpoint)
+    model, mapping = adapt_model(base, info.labels, classes, img_size=cfg.input_size)
+    return model.train(), mapping
+
+
+# ---------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def collect_logits(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu"
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``model`` (eval mode, fp32) over a loader of (x, y); return (N, C) logits, (N,) targets."""
+    model = model.to(device).eval()
+    logits, targets = [], []
+    for x, y in loader:
+        logits.append(model(x.to(device)).float().cpu())
+        targets.append(y)
+    if not logits:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(logits), torch.cat(targets)
+
+
+def _load_module_weights(module: LungViTModule, ckpt_path: str) -> None:
+    """Put the plain model's weights from a Lightning checkpoint into ``module.model``."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    module.model.load_state_dict(state)
+
+
+def _hardware(trainer: L.Trainer) -> dict[str, Any]:
+    gpu = isinstance(trainer.accelerator, L.pytorch.accelerators.CUDAAccelerator)
+    return {
+        "accelerator": type(trainer.accelerator).__name__.replace("Accelerator", "").lower(),
+        "gpu_type": torch.cuda.get_device_name(0) if gpu else "",
+        "gpu_count": trainer.world_size if gpu else 0,
+        "world_size": trainer.world_size,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+def _energy_threshold(logits: torch.Tensor) -> float | None:
+    if logits.numel() == 0:
+        return None
+    return float(torch.quantile(energy_score(logits), OOD_ENERGY_QUANTILE))
+
+
+def _format_notes(cfg: TrainConfig, test: dict[str, Any]) -> str:
+    acc = test.get("acc")
+    measured = (f"Accuracy on the held-out test split of its training data: {acc:.1%} "
+                f"({test['n']} images)." if acc is not None else "")
+    return " ".join(x for x in (cfg.notes or "", measured) if x)
+
+
+def _save_loadable(out: Path, model: nn.Module, info: CheckpointInfo) -> Path:
+    """``save_checkpoint``, re-written with padded notes if the file would start with 0x80.
+
+    Workaround: core's loader takes a file starting with byte 0x80 for a pickle stream, and a
+    safetensors header of 0x..80 bytes (1 in 32 lengths, being 8-aligned) starts with it.
+    A longer note moves the header length off that value. Remove once the loader checks
+    the safetensors framing first.
+    """
+    path = save_checkpoint(out, model, info)
+    for _ in range(16):
+        with open(path, "rb") as fh:
+            if fh.read(1) != b"\x80":
+                break
+        info = replace(info, notes=info.notes + " ")
+        path = save_checkpoint(out, model, info)
+    return path
+
+
+# ------------------------------------------------------------------------------- the run
+def fit(cfg: TrainConfig, *, datamodule: ScanDataModule | None = None,
+        callbacks: Iterable[Callback] = (), progress: bool = True, strategy: Any = None,
+        plugins: Any = None, extra_trainer_kwargs: dict[str, Any] | None = None) -> FitResult:
+    """Train, calibrate, test and write the core checkpoint ``cfg.out``.
+
+    Args:
+        cfg: the run's configuration (resolved here if it is not yet).
+        datamodule: an already set-up data module of this config (the CLI builds one to
+            report the data before training); None: built here.
+        callbacks: extra Lightning callbacks (e.g. a Ray report callback).
+        progress: show a progress bar and model summary.
+        strategy, plugins: passed to ``L.Trainer`` (e.g. Ray's DDP strategy and environment).
+        extra_trainer_kwargs: further ``L.Trainer`` arguments; they override ours.
+
+    Returns:
+        A :class:`FitResult`. Under distributed training every rank trains; only rank 0
+        evaluates and writes files, the others return with ``checkpoint=None``.
+    """
+    cfg = resolve_config(cfg)  # idempotent: a resolved config stays as it is
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    run_dir = Path(cfg.run_dir)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    dm = datamodule if datamodule is not None else build_datamodule(cfg)
+    classes = list(dm.classes)
+
+    model, head_mapping = build_training_model(cfg, classes)
+    weights = (class_weights_from_counts([dm.class_counts["train"][c] for c in classes])
+               if cfg.class_weighting else None)
+    module = LungViTModule(model, labels=classes, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                           warmup_steps=cfg.warmup_steps, warmup_frac=cfg.warmup_frac,
+                           min_lr_ratio=cfg.min_lr_ratio, label_smoothing=cfg.label_smoothing,
+                           class_weights=weights, grad_checkpointing=cfg.grad_checkpointing)
+
+    precision = resolve_precision(cfg.precision, cfg.accelerator)
+    if precision != "32-true" and torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+    ckpt_cb = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", monitor="val/loss", mode="min",
+        save_top_k=cfg.keep_best_k, save_last=True,
+        every_n_train_steps=cfg.checkpoint_every_n_steps,
+        filename="step{step:06d}-val_loss{val/loss:.4f}", auto_insert_metric_name=False)
+    cbs: list[Callback] = [ckpt_cb]
+    if cfg.early_stopping_patience > 0:
+        cbs.append(EarlyStopping(monitor="val/loss", mode="min",
+                                 patience=cfg.early_stopping_patience, check_finite=True))
+    if cfg.freeze_stem_epochs > 0:
+        cbs.append(FreezeEarlyLayers(cfg.freeze_stem_epochs, cfg.freeze_blocks))
+    if progress:
+        cbs.append(TQDMProgressBar(refresh_rate=1))
+    cbs.extend(callbacks)
+
+    train_batches = max(1, math.ceil(len(dm.datasets["train"]) / cfg.batch_size))
+    kwargs: dict[str, Any] = dict(
+        max_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, accelerator=cfg.accelerator,
+        devices=cfg.devices, precision=precision, gradient_clip_val=1.0,
+        callbacks=cbs, logger=CSVLogger(run_dir, name="logs", version=""),
+        default_root_dir=run_dir, enable_progress_bar=progress, enable_model_summary=progress,
+        log_every_n_steps=min(50, train_batches), fast_dev_run=cfg.fast_dev_run,
+        deterministic=False)
+    if cfg.val_every_n_steps is not None:
+        kwargs["check_val_every_n_epoch"] = None
+    if strategy is not None:
+        kwargs["strategy"] = strategy
+    if plugins is not None:
+        kwargs["plugins"] = plugins
+    kwargs.update(extra_trainer_kwargs or {})
+    trainer = L.Trainer(**kwargs)
+    # Accumulation and the validation interval (in batches) depend on the world size,
+    # which only the trainer knows (the strategy may be Ray's); both are read at fit time.
+    world = trainer.world_size
+    accumulate = max(1, math.ceil(cfg.global_batch / (cfg.batch_size * world))) \
+        if cfg.global_batch else 1
+    trainer.accumulate_grad_batches = accumulate
+    if cfg.val_every_n_steps is not None and not cfg.fast_dev_run:
+        trainer.val_check_interval = cfg.val_every_n_steps * accumulate
+
+    if trainer.is_global_zero:
+        cfg.save(run_dir / "config.yaml")
+        if not Path(cfg.split_manifest).exists():
+            dm.save_split_manifest(cfg.split_manifest)
+
+    started = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.resume_from)
+    wall = time.perf_counter() - started
+
+    best = ckpt_cb.best_model_path or None
+    if not trainer.is_global_zero:
+        return FitResult(run_dir, None, {}, {}, {}, 1.0, wall, trainer.current_epoch,
+                         trainer.global_step, best, cfg, dm.summary(), head_mapping)
+    if best and not cfg.fast_dev_run:
+        _load_module_weights(module, best)  # keep the weights with the lowest val loss
+    model = module.model
+    device = torch.device("cuda") if _hardware(trainer)["gpu_count"] else torch.device("cpu")
+    val_logits, val_targets = collect_logits(model, dm.val_dataloader(), device)
+    test_logits, test_targets = collect_logits(model, dm.test_dataloader(), device)
+    model.cpu()
+    temperature = fit_temperature(val_logits, val_targets)
+    val_report = classification_report(val_logits, val_targets, labels=classes,
+                                       temperature=temperature)
+    test_raw = classification_report(test_logits, test_targets, labels=classes)
+    test_cal = classification_report(test_logits, test_targets, labels=classes,
+                                     temperature=temperature)
+    hardware = _hardware(trainer)
+    training = {"steps": int(trainer.global_step), "epochs": int(trainer.current_epoch),
+                "precision": precision, "batch_size": cfg.batch_size,
+                "accumulate_grad_batches": accumulate,
+                "global_batch": cfg.batch_size * accumulate * world,
+                "stopped_early": bool(trainer.should_stop and not cfg.fast_dev_run),
+                "hardware": hardware, "best_lightning_checkpoint": best}
+    metrics = {
+        "accuracy": test_cal["acc"], "macro_f1": test_cal["macro_f1"],
+        "balanced_accuracy": test_cal["balanced_acc"], "macro_auc": test_cal["macro_auc"],
+        "ece": test_cal["ece"], "ece_uncalibrated": test_raw["ece"],
+        "test": test_cal, "test_uncalibrated": scalar_metrics(test_raw),
+        "val": scalar_metrics(val_report),
+        "data": {"counts": dm.class_counts, "unreadable": len(dm.unreadable),
+                 "too_small": dict(dm.too_small), "fingerprint": dm.fingerprint},
+        "training": training,
+        "ood": {"energy_threshold": _energy_threshold(val_logits),
+                "quantile": OOD_ENERGY_QUANTILE, "source": "validation split"},
+    }
+    train_counts = dm.class_counts["train"]
+    provenance = Provenance(
+        dataset=(f"{Path(dm.index.root).name}: {sum(dm.class_counts['total'].values())} images "
+                 f"in {len(classes)} classes; train/val/test "
+                 f"{'/'.join(str(sum(dm.class_counts[s].values())) for s in ('train', 'val', 'test'))}"),
+        class_counts=dict(train_counts), dataset_fingerprint=dm.fingerprint,
+        epochs=int(trainer.current_epoch), train_time_s=round(wall, 2),
+        gpu_type=hardware["gpu_type"], gpu_count=hardware["gpu_count"],
+        source=f"fine-tuned from {Path(cfg.from_checkpoint).name}" if cfg.from_checkpoint else "")
+    info = CheckpointInfo(labels=tuple(classes), preprocess=dm.preprocess,
+                          model=model.lungvit_config, temperature=temperature,
+                          provenance=provenance, metrics=metrics,
+                          notes=_format_notes(cfg, test_cal),
+                          intended_use=cfg.intended_use or DEFAULT_INTENDED_USE)
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = _save_loadable(out, model, info)
+    report = {"checkpoint": str(checkpoint), "temperature": temperature, "wall_time_s": wall,
+              "val": val_report, "test": test_cal, "test_uncalibrated": test_raw,
+              "training": training, "data": dm.summary(), "head_mapping": head_mapping,
+              "history": module.history}
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return FitResult(run_dir=run_dir, checkpoint=checkpoint, metrics=val_report,
+                     test_metrics=test_cal, test_metrics_uncalibrated=test_raw,
+                     temperature=temperature, wall_time_s=wall,
+                     epochs=int(trainer.current_epoch), steps=int(trainer.global_step),
+                     best_lightning_checkpoint=best, config=cfg, data=dm.summary(),
+                     head_mapping=head_mapping)
