@@ -55,7 +55,8 @@ def build_app(context: AppContext | None = None, *, model: str | Path | None = N
             with gr.Tab("Model", id="model"):
                 card, load, upload, reference, labels = build_model_tab(ctx)
         summary = partial(t.model_summary, ctx)
-        app.load(summary, None, [banner, card, target], api_name="model_summary")
+        app.load(summary, None, [banner, card, target], api_name="model_summary",
+                 show_progress="hidden")
         load.click(partial(t.load_model_file, ctx), [upload, reference, labels],
                    [banner, card, target], api_name="load_model", concurrency_limit=1)
         app.load(partial(t.list_runs, ctx), None, run_outputs, api_name="list_runs_on_load")

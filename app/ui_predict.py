@@ -38,15 +38,15 @@ def build_predict_tab(ctx: AppContext, model_limit: int) -> gr.Dropdown:
                                   label="Display window (DICOM)")
                 with gr.Row():
                     center = gr.Number(label="Level (center)", precision=1, min_width=100)
-                    width = gr.Number(label="Width", precision=1, minimum=1, min_width=100)
+                    width = gr.Number(label="Width", precision=1, min_width=100)
             show_phi = gr.Checkbox(False, label="Show patient identifiers (PHI)")
         with gr.Column(scale=2):
             with gr.Row():
                 viewer = gr.Image(label="What the model saw (after windowing)", type="numpy",
                                   format="png", interactive=False, height=340,
                                   elem_id="scan-viewer")
-                model_input = gr.Image(label="Network input", type="numpy", format="png",
-                                       interactive=False, height=180, min_width=160,
+                model_input = gr.Image(label="Model input", type="numpy", format="png",
+                                       interactive=False, height=180, min_width=190,
                                        scale=0)
             flags = gr.Markdown("Upload a scan to see the model's answer.", elem_id="prediction")
             probs = gr.Label(label="Calibrated probabilities", num_top_classes=9,
@@ -55,7 +55,8 @@ def build_predict_tab(ctx: AppContext, model_limit: int) -> gr.Dropdown:
         meta = gr.JSON(label="Metadata")
     with gr.Accordion("All uploaded scans", open=True):
         table = gr.Dataframe(headers=h.TABLE_HEADERS, interactive=False, wrap=True,
-                             label="Results")
+                             label="Results", column_widths=["16%", "16%", "10%", "10%",
+                                                             "10%", "38%"])
         table_csv = gr.File(label="Results as CSV", interactive=False)
 
     gr.Markdown("### Explain")

@@ -1,0 +1,137 @@
+"""The app in a real browser: upload a phantom DICOM, see the label and an overlay; fine-tune.
+
+Drives Debian's Chromium through Playwright (never downloads a browser). Screenshots go to
+``$LUNGVIT_SCREENSHOTS`` when set (``LUNGVIT_SCREENSHOTS=docs/screenshots``), else to the
+test's temporary folder.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = pytest.mark.browser
+sync_api = pytest.importorskip("playwright.sync_api")
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"{CHROMIUM} is not installed", allow_module_level=True)
+
+from .conftest import free_port  # noqa: E402
+
+sync_api.expect.set_options(timeout=120_000)  # a shared 2-core machine is slow
+
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    target = os.environ.get("LUNGVIT_SCREENSHOTS")
+    path = Path(target) if target else tmp_path_factory.mktemp("screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The app serving the bundled demo model, or an untrained stand-in labelled as a demo."""
+    import torch
+
+    from lungvit.app.state import make_context
+    from lungvit.app.ui import build_app, launch_options
+    from lungvit.core.checkpoint import CheckpointInfo, save_checkpoint
+    from lungvit.core.model import create_model
+    from lungvit.core.predict import bundled_model_path
+
+    model = bundled_model_path()
+    if model is None:
+        torch.manual_seed(0)
+        model = tmp_path_factory.mktemp("model") / "stand-in-demo.safetensors"
+        save_checkpoint(model, create_model("lungvit_tiny").eval(), CheckpointInfo(
+            notes="Untrained stand-in for the demo model (synthetic phantoms only)."))
+    ctx = make_context(model, data_dir=tmp_path_factory.mktemp("appdata"))
+    app = build_app(ctx)
+    app.launch(prevent_thread_lock=True, **launch_options(app, port=free_port()))
+    try:
+        yield f"http://127.0.0.1:{app.server_port}/"
+    finally:
+        app.close()
+
+
+@pytest.fixture(scope="module")
+def page(served: str) -> Iterator[object]:
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        try:
+            pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+            pg.set_default_timeout(120_000)
+            pg.goto(served)
+            yield pg
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def phantom_dicom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lungvit.core.cli import main as cli
+
+    root = tmp_path_factory.mktemp("phantoms")
+    assert cli(["demo-data", str(root), "--per-class", "1", "--dicom", "--size", "128",
+                "--classes", "lung-normal"]) == 0
+    return next(root.rglob("*.dcm"))
+
+
+def test_predict_and_explain_in_browser(page: object, phantom_dicom: Path, shots: Path) -> None:
+    from lungvit.core.checkpoint import DEFAULT_LABELS
+
+    pg = page
+    banner = pg.locator("#banner")
+    sync_api.expect(banner).to_contain_text("not for clinical use")
+    pg.locator("#scan-upload input[type=file]").set_input_files(str(phantom_dicom))
+    prediction = pg.locator("#prediction")
+    sync_api.expect(prediction.locator("h3")).to_be_visible()
+    label = prediction.locator("h3").inner_text()
+    assert any(lbl in label for lbl in DEFAULT_LABELS), label
+    sync_api.expect(pg.locator("#scan-viewer img")).to_be_visible()
+    sync_api.expect(pg.locator("#probabilities")).to_contain_text(label.split(" ")[0])
+    pg.locator("#explain-button").click()
+    overlay = pg.locator("#explanations img").first
+    sync_api.expect(overlay).to_be_visible()
+    assert overlay.evaluate("img => img.naturalWidth") > 0
+    pg.screenshot(path=str(shots / "predict-explain.png"), full_page=True)
+
+
+@pytest.mark.slow
+def test_finetune_in_browser(page: object, tmp_path: Path, shots: Path) -> None:
+    from lungvit.core.cli import main as cli
+
+    data = tmp_path / "dataset"
+    assert cli(["demo-data", str(data), "--per-class", "8", "--size", "64", "--classes",
+                "lung-normal", "lung-covid", "lung-oct-cnv"]) == 0
+    pg = page
+    pg.get_by_role("tab", name="Fine-tune").click()
+    pg.locator("#dataset-folder textarea, #dataset-folder input").first.fill(str(data))
+    pg.get_by_role("button", name="Check dataset").click()
+    sync_api.expect(pg.locator("#dataset-summary")).to_contain_text("3 classes")
+    pg.get_by_text("Advanced settings").click()
+    pg.get_by_label("Epochs").fill("1")
+    pg.get_by_label("Stop after N steps (0: no limit)").fill("4")
+    pg.get_by_label("Batch size").fill("8")
+    pg.get_by_label("Start from").click()
+    pg.get_by_role("option", name="lungvit_tiny (from scratch)").click()
+    pg.locator("#finetune-button").click()
+    status = pg.locator("#job-status")
+    sync_api.expect(status).to_contain_text("Job", timeout=60_000)
+    sync_api.expect(status).to_contain_text("succeeded", timeout=540_000)
+    sync_api.expect(pg.locator("#use-model")).to_be_enabled(timeout=30_000)
+    pg.screenshot(path=str(shots / "finetune.png"), full_page=True)
+    pg.locator("#use-model").click()
+    sync_api.expect(pg.get_by_text("Now serving the model of job")).to_be_visible()
+    pg.get_by_role("tab", name="Runs").click()
+    pg.get_by_role("button", name="Refresh").click()
+    sync_api.expect(pg.locator("#runs-table")).to_contain_text("succeeded")
+    pg.screenshot(path=str(shots / "runs.png"), full_page=True)
+    shutil.rmtree(data, ignore_errors=True)
