@@ -100,14 +100,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if recovered:
         log.info("marked interrupted (resumable in the Runs tab): jobs %s", recovered)
 
-    from lungvit.app.ui import build_app, launch_options
+    from lungvit.app.ui import build_app, launch_options, serve
 
     app = build_app(ctx)
     options = launch_options(app, host=args.host, port=args.port or _free_port(args.host),
                              auth=auth, extra_hosts=tuple(args.allow_host))
     threading.Thread(target=_warm_up, args=(ctx,), name="model-warm-up", daemon=True).start()
     try:
-        app.launch(prevent_thread_lock=True, **options)
+        serve(app, options)
         shown = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
         print(f"LungViT is running at http://{shown}:{app.server_port}/ (Ctrl-C to stop)",
               flush=True)

@@ -49,7 +49,7 @@ def build_app(context: AppContext | None = None, *, model: str | Path | None = N
             with gr.Tab("Predict & explain", id="predict"):
                 target = build_predict_tab(ctx, model_concurrency)
             with gr.Tab("Fine-tune", id="finetune"):
-                build_finetune_tab(ctx)
+                used = build_finetune_tab(ctx)
             with gr.Tab("Runs", id="runs"):
                 run_outputs = build_runs_tab(ctx)
             with gr.Tab("Model", id="model"):
@@ -57,6 +57,8 @@ def build_app(context: AppContext | None = None, *, model: str | Path | None = N
         summary = partial(t.model_summary, ctx)
         app.load(summary, None, [banner, card, target], api_name="model_summary",
                  show_progress="hidden")
+        used.success(summary, None, [banner, card, target], api_name="model_summary_after_use",
+                     show_progress="hidden")
         load.click(partial(t.load_model_file, ctx), [upload, reference, labels],
                    [banner, card, target], api_name="load_model", concurrency_limit=1)
         app.load(partial(t.list_runs, ctx), None, run_outputs, api_name="list_runs_on_load")
@@ -97,3 +99,20 @@ def launch_options(app: gr.Blocks, *, host: str = "127.0.0.1", port: int | None 
         "app_kwargs": {"middleware": middleware}, "theme": gr.themes.Soft(primary_hue="blue"),
         "css": CSS, "footer_links": ["api"], "run_history": False, "quiet": True, "ssr_mode": False,
     }
+
+
+def serve(app: gr.Blocks, options: dict[str, Any], attempts: int = 3) -> None:
+    """``app.launch(prevent_thread_lock=True, **options)``, retried when Gradio's own
+    reachability probe (3 s per try) times out on a heavily loaded machine.
+
+    Raises:
+        ValueError: the server still could not reach itself after ``attempts`` tries.
+    """
+    for attempt in range(attempts):
+        try:
+            app.launch(prevent_thread_lock=True, **options)
+            return
+        except ValueError as exc:
+            if "localhost is not accessible" not in str(exc) or attempt == attempts - 1:
+                raise
+            app.close()

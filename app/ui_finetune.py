@@ -11,8 +11,9 @@ from lungvit.app.state import AppContext
 POLL_S = 2.0
 
 
-def build_finetune_tab(ctx: AppContext, data_dir_hint: str = "") -> None:
-    """Lay out the tab and wire its events."""
+def build_finetune_tab(ctx: AppContext, data_dir_hint: str = "") -> gr.events.Dependency:
+    """Lay out the tab and wire its events. Returns the "use this model" event (the
+    caller refreshes what names the served model after it)."""
     gr.Markdown("Fine-tune the model on your own labelled scans: a folder with one "
                 "sub-folder per class (e.g. `lung-normal/`, `lung-covid/`). Nothing starts "
                 "until you press **Fine-tune**.")
@@ -71,5 +72,5 @@ def build_finetune_tab(ctx: AppContext, data_dir_hint: str = "") -> None:
                show_progress="hidden").then(results_fn, job, [per_class, cm, calibration, use],
                                            api_name="job_results", show_progress="hidden")
     cancel.click(partial(t.cancel_job, ctx), job, status, api_name="cancel_job")
-    use.click(partial(t.use_job_model, ctx), job, used, api_name="use_job_model",
-              concurrency_limit=1)
+    return use.click(partial(t.use_job_model, ctx), job, used, api_name="use_job_model",
+                     concurrency_limit=1)

@@ -16,11 +16,11 @@ def build_runs_tab(ctx: AppContext) -> list[gr.components.Component]:
                         interactive=False, label="Runs", elem_id="runs-table")
     with gr.Row():
         run = gr.Dropdown([], label="Run", allow_custom_value=True, scale=1)
-        resume = gr.Button("Resume (interrupted runs)", scale=0)
+        resume = gr.Button("Resume (interrupted runs)", scale=0, min_width=240)
         resumed = gr.Markdown()
     with gr.Row():
         curves = gr.Plot(label="Curves")
-        cm = gr.Plot(label="Confusion matrix")
+        cm = gr.Plot(label="Confusion matrix", elem_id="run-confusion")
     per_class = gr.Dataframe(headers=["class", "precision", "recall", "F1", "images"],
                              interactive=False, label="Per class (test split)")
     with gr.Accordion("Configuration", open=False):

@@ -58,11 +58,11 @@ def running_app(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
                 ) -> Iterator[tuple[str, object]]:
     """The app served in-process on a free loopback port: (base URL, context)."""
     from lungvit.app.state import make_context
-    from lungvit.app.ui import build_app, launch_options
+    from lungvit.app.ui import build_app, launch_options, serve
 
     ctx = make_context(tiny_checkpoint, data_dir=tmp_path_factory.mktemp("appdata"))
     app = build_app(ctx)
-    app.launch(prevent_thread_lock=True, **launch_options(app, port=free_port()))
+    serve(app, launch_options(app, port=free_port()))
     try:
         yield f"http://127.0.0.1:{app.server_port}/", ctx
     finally:

@@ -41,7 +41,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import torch
 
     from lungvit.app.state import make_context
-    from lungvit.app.ui import build_app, launch_options
+    from lungvit.app.ui import build_app, launch_options, serve
     from lungvit.core.checkpoint import CheckpointInfo, save_checkpoint
     from lungvit.core.model import create_model
     from lungvit.core.predict import bundled_model_path
@@ -54,7 +54,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             notes="Untrained stand-in for the demo model (synthetic phantoms only)."))
     ctx = make_context(model, data_dir=tmp_path_factory.mktemp("appdata"))
     app = build_app(ctx)
-    app.launch(prevent_thread_lock=True, **launch_options(app, port=free_port()))
+    serve(app, launch_options(app, port=free_port()))
     try:
         yield f"http://127.0.0.1:{app.server_port}/"
     finally:
@@ -133,5 +133,7 @@ def test_finetune_in_browser(page: object, tmp_path: Path, shots: Path) -> None:
     pg.get_by_role("tab", name="Runs").click()
     pg.get_by_role("button", name="Refresh").click()
     sync_api.expect(pg.locator("#runs-table")).to_contain_text("succeeded")
+    sync_api.expect(pg.locator("#run-confusion img")).to_be_visible()
+    sync_api.expect(pg.locator("#banner")).to_contain_text("model.safetensors")
     pg.screenshot(path=str(shots / "runs.png"), full_page=True)
     shutil.rmtree(data, ignore_errors=True)

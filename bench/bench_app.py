@@ -1,0 +1,162 @@
+"""How fast ``lungvit-app`` serves its page, and predict + explain latency under load.
+
+    .venv/bin/python bench/bench_app.py [--starts 3] [--clients 8] [--requests 4]
+                                        [--variant lungvit_ref64] [--cores 2]
+
+1. Start-up: ``lungvit-app`` (the console script) in a subprocess, polled until ``GET /``
+   answers 200; the median of ``--starts`` cold starts (the model loads in the background).
+2. Load: the app (one subprocess pinned to ``--cores`` CPU cores) serves a model of
+   ``--variant`` (untrained weights: latency does not depend on them); ``--clients``
+   gradio_client clients each send ``--requests`` requests; one request is ``/predict`` on
+   a 512x512 PNG followed by ``/explain`` with attention rollout (faithfulness scoring on,
+   as in the app). Everything stays on 127.0.0.1. Reported: p50 / p95 / max request
+   latency and requests per second; the model's concurrency limit is the app's (2).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_command(port: int, data_dir: Path, model: Path | None) -> list[str]:
+    script = Path(sys.executable).with_name("lungvit-app")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "lungvit.app.main"]
+    cmd += ["--port", str(port), "--data-dir", str(data_dir)]
+    return cmd + (["--model", str(model)] if model else [])
+
+
+def start_app(cmd: list[str], port: int, cores: set[int] | None) -> tuple[subprocess.Popen, float]:
+    """Start the app; return (process, seconds until GET / answered 200)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
+    while proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+                if r.status == 200:
+                    return proc, time.perf_counter() - t0
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"the app exited with code {proc.returncode}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def bench_startup(starts: int, tmp: Path) -> list[float]:
+    times = []
+    for i in range(starts):
+        port = free_port()
+        proc, seconds = start_app(app_command(port, tmp / f"start{i}", None), port, None)
+        stop(proc)
+        times.append(seconds)
+    return times
+
+
+def bench_load(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
+    import torch
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    from lungvit.core.checkpoint import CheckpointInfo, save_checkpoint
+    from lungvit.core.model import create_model
+
+    torch.manual_seed(0)
+    model = tmp / f"{args.variant}.safetensors"
+    save_checkpoint(model, create_model(args.variant).eval(), CheckpointInfo(notes="bench"))
+    rng = np.random.default_rng(0)
+    image = tmp / "scan.png"
+    yy, xx = np.mgrid[0:512, 0:512]
+    body = (np.hypot(yy - 256, xx - 256) < 200) * 160 + rng.integers(0, 60, (512, 512))
+    Image.fromarray(body.astype(np.uint8)).save(image)
+    cores = set(sorted(os.sched_getaffinity(0))[:args.cores])
+    port = free_port()
+    proc, _ = start_app(app_command(port, tmp / "load", model), port, cores)
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        warm = Client(url, verbose=False)
+        warm.predict([handle_file(str(image))], None, "File default", None, None, False,
+                     api_name="/predict")
+
+        def client_loop() -> None:
+            c = Client(url, verbose=False)
+            for _ in range(args.requests):
+                t0 = time.perf_counter()
+                try:
+                    c.predict([handle_file(str(image))], None, "File default", None, None,
+                              False, api_name="/predict")
+                    c.predict([handle_file(str(image))], None, "File default", None, None,
+                              ["Attention rollout"], "Predicted class", 0.5, api_name="/explain")
+                except Exception as exc:  # counted and reported, the run goes on
+                    with lock:
+                        errors.append(type(exc).__name__)
+                    continue
+                with lock:
+                    latencies.append(time.perf_counter() - t0)
+
+        threads = [threading.Thread(target=client_loop) for _ in range(args.clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+    finally:
+        stop(proc)
+    q = np.quantile(latencies, [0.5, 0.95]) if latencies else [float("nan")] * 2
+    return {"p50": float(q[0]), "p95": float(q[1]), "max": max(latencies, default=float("nan")),
+            "n": len(latencies), "errors": len(errors), "rps": len(latencies) / wall,
+            "wall": wall, "cores": len(cores)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--starts", type=int, default=3)
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--requests", type=int, default=4)
+    p.add_argument("--variant", default="lungvit_ref64")
+    p.add_argument("--cores", type=int, default=2)
+    args = p.parse_args()
+    print(f"# {platform.node()} {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        starts = bench_startup(args.starts, tmp)
+        print(f"start to served page: median {statistics.median(starts):.2f} s "
+              f"(runs: {', '.join(f'{s:.2f}' for s in starts)})")
+        r = bench_load(args, tmp)
+        print(f"predict+rollout ({args.variant}, {args.clients} clients x {args.requests}, "
+              f"{r['cores']} cores): p50 {r['p50']:.2f} s, p95 {r['p95']:.2f} s, max "
+              f"{r['max']:.2f} s, {r['rps']:.2f} req/s, {r['n']} ok, {r['errors']} errors")
+
+
+if __name__ == "__main__":
+    main()
