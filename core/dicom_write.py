@@ -124,7 +124,8 @@ def _pixel_module(ds: Dataset, stored: np.ndarray, photometric: str, bits_stored
         if bits_allocated is None:
             bits_allocated = 8 if bits_stored <= 8 else 16
         if bits_allocated not in (8, 16, 32) or not 1 <= bits_stored <= bits_allocated:
-            raise ValueError(f"bits_stored={bits_stored} does not fit bits_allocated={bits_allocated}")
+            raise ValueError(f"bits_stored={bits_stored} does not fit "
+                             f"bits_allocated={bits_allocated}")
         lo, hi = (-(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1) if signed \
             else (0, (1 << bits_stored) - 1)
         if arr.size and (arr.min() < lo or arr.max() > hi):

@@ -157,16 +157,18 @@ def _chest(label: str, size: int, anat: np.random.Generator, rng: np.random.Gene
     lesion = np.zeros_like(img)  # additive density of the findings
     extent = np.zeros_like(img)  # where the findings are (thresholded into the mask)
 
-    def local(side: int, cx: float, cy: float, a: float, b: float) -> tuple[np.ndarray, np.ndarray]:
+    def local(side: int, cx: float, cy: float, a: float, b: float
+              ) -> tuple[np.ndarray, np.ndarray]:
         return side * (x - cx) / a, (y - cy) / b  # +lx lateral, +ly lower
 
     if label == "lung-covid":  # bilateral peripheral ground glass in the lower zones
         for side, cx, cy, a, b in lungs:
             for _ in range(lrng.integers(2, 5)):
                 lx, ly = local(side, cx, cy, a, b)
-                r = lrng.uniform(0.35, 0.55)
-                d = (lx - lrng.uniform(0.35, 0.8)) ** 2 + ((ly - lrng.uniform(0.1, 0.7)) * a / b) ** 2
-                lesion = np.maximum(lesion, lrng.uniform(0.15, 0.22) * np.exp(-d / (r * r)))
+                r = lrng.uniform(0.4, 0.6)
+                d = (lx - lrng.uniform(0.35, 0.8)) ** 2 \
+                    + ((ly - lrng.uniform(0.1, 0.7)) * a / b) ** 2
+                lesion = np.maximum(lesion, lrng.uniform(0.2, 0.28) * np.exp(-d / (r * r)))
         extent = lesion.copy()
         lesion *= 0.75 + 0.25 * _smooth_noise(lrng, size, 0.02).clip(-1, 1)
     elif label == "lung-opacity":  # one dense lobar consolidation
@@ -204,7 +206,7 @@ def _chest(label: str, size: int, anat: np.random.Generator, rng: np.random.Gene
             theta = np.arctan2(y - hy, side * (x - hx))
             wobble = 0.8 * _smooth_noise(lrng, size, 0.04)
             streak = (0.5 + 0.5 * np.cos(lrng.integers(12, 20) * theta + wobble)) ** 3
-            env = lrng.uniform(0.22, 0.3) * np.exp(-((r / (lrng.uniform(0.4, 0.55) * b)) ** 2))
+            env = lrng.uniform(0.28, 0.36) * np.exp(-((r / (lrng.uniform(0.45, 0.6) * b)) ** 2))
             lesion += env * (0.2 + 0.5 * streak + 0.3 * reticular)
             extent = np.maximum(extent, env)
     lesion *= soft_lung
@@ -227,15 +229,15 @@ def _oct(label: str, size: int, anat: np.random.Generator, rng: np.random.Genera
     """A foveal OCT B-scan: layered retina with a pit, RPE band, choroid, speckle."""
     x, y = _grid(size, rng, rot_deg=5.0, shift=0.1, scale=(0.92, 1.08))
     y0, curve = anat.uniform(0.1, 0.25), anat.uniform(-0.05, 0.15)
-    thick0 = anat.uniform(0.24, 0.32)
+    thick0 = anat.uniform(0.3, 0.4)
     xf, pw, pd = anat.uniform(-0.15, 0.15), anat.uniform(0.12, 0.2), anat.uniform(0.45, 0.65)
     rpe_t = anat.uniform(0.03, 0.045)
     xc = xf + lrng.uniform(-0.25, 0.25)  # centre of a macular finding
-    w = lrng.uniform(0.3, 0.5) if label == "lung-oct-dme" else lrng.uniform(0.18, 0.3)
+    w = lrng.uniform(0.3, 0.5) if label == "lung-oct-dme" else lrng.uniform(0.22, 0.35)
     swell_h = lrng.uniform(0.5, 0.9) if label == "lung-oct-dme" else 0.0
 
-    def layers(xv: np.ndarray | float) -> tuple:
-        """Bruch's line, ILM and neural-retina thickness as functions of x (all shapes)."""
+    def layers(xv: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+        """Height of Bruch's membrane and neural-retina thickness at horizontal position x."""
         swell = swell_h * np.exp(-(((xv - xc) / w) ** 2))
         pit = pd * np.exp(-(((xv - xf) / pw) ** 2)) * (1 - np.clip(swell, 0, 0.9))
         return y0 + curve * xv * xv, thick0 * (1 + swell) * (1 - pit)
@@ -246,8 +248,8 @@ def _oct(label: str, size: int, anat: np.random.Generator, rng: np.random.Genera
     mask = np.zeros(x.shape, bool)
     extra = np.full(x.shape, np.nan, np.float32)  # lesion reflectivity (NaN = none)
     if label == "lung-oct-cnv":  # fusiform hyper-reflective lesion with fluid above
-        b = lrng.uniform(0.06, 0.11) * np.clip(1 - ((x - xc) / w) ** 2, 0, None) ** 1.5
-        f = lrng.uniform(0.04, 0.09) * np.clip(1 - ((x - xc) / (0.8 * w)) ** 2, 0, None) ** 1.5
+        b = lrng.uniform(0.08, 0.14) * np.clip(1 - ((x - xc) / w) ** 2, 0, None) ** 1.5
+        f = lrng.uniform(0.05, 0.1) * np.clip(1 - ((x - xc) / (0.8 * w)) ** 2, 0, None) ** 1.5
         lift = b + f
         lesion = (y >= rpe0 - b) & (y < rpe0) & (b > 0.004)
         fluid = (y >= rpe0 - b - f) & (y < rpe0 - b) & (f > 0.004)
@@ -256,13 +258,13 @@ def _oct(label: str, size: int, anat: np.random.Generator, rng: np.random.Genera
         mask = lesion | fluid
     elif label == "lung-oct-drusen":  # dome elevations of the RPE
         bumps = np.zeros_like(x)
-        for _ in range(lrng.integers(4, 8)):
-            xi, wi = lrng.uniform(-0.7, 0.7), lrng.uniform(0.05, 0.1)
-            bumps = np.maximum(bumps, lrng.uniform(0.05, 0.085)
+        for _ in range(lrng.integers(5, 10)):
+            xi, wi = lrng.uniform(-0.7, 0.7), lrng.uniform(0.06, 0.11)
+            bumps = np.maximum(bumps, lrng.uniform(0.06, 0.1)
                                * np.clip(1 - ((x - xi) / wi) ** 2, 0, None) ** 0.7)
         rpe, lift = rpe0 - bumps, bumps
         druse = (y >= rpe + rpe_t) & (y < rpe0 + rpe_t) & (bumps > 0.01)
-        extra[druse] = 0.5
+        extra[druse] = 0.6
         mask = druse
 
     top = rpe0 - lift  # bottom of the neural retina
@@ -282,12 +284,14 @@ def _oct(label: str, size: int, anat: np.random.Generator, rng: np.random.Genera
             cx = xc + lrng.uniform(-0.8, 0.8) * w
             bruch, th = layers(cx)
             cy = bruch - th * (1 - lrng.uniform(0.3, 0.7))
-            cyst = (_ellipse(x, y, cx, cy, lrng.uniform(0.03, 0.07), lrng.uniform(0.025, 0.05)) < 1)
-            cyst &= retina
+            rx, ry = lrng.uniform(0.03, 0.07), lrng.uniform(0.025, 0.05)
+            cyst = (_ellipse(x, y, cx, cy, rx, ry) < 1) & retina
             extra[cyst] = 0.03
             mask |= cyst
     img = np.where(np.isnan(extra), img, extra)
-    img = img * rng.gamma(3.0, 1 / 3.0, img.shape).astype(np.float32)  # speckle
+    # Speckle, whose variance falls as pixels grow (a small image averages more of it).
+    k = 3.0 * max(1.0, (256.0 / size) ** 2)
+    img = img * rng.gamma(k, 1 / k, img.shape).astype(np.float32)
     img = _blur(img, 0.35 * size / 128, 0.8 * size / 128)
     region = (y >= ilm - 0.02) & (y < rpe0 + rpe_t + 0.02)
     return img, mask, region
