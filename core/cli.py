@@ -20,6 +20,7 @@ from lungvit.core.errors import LungViTError
 COMMAND_MODULES: tuple[str, ...] = (
     "lungvit.core.commands.inspect_cmd",
     "lungvit.core.commands.demo_data_cmd",
+    "lungvit.core.commands.model_cmds",
     "lungvit.training.commands",
 )
 

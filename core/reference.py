@@ -1,0 +1,266 @@
+"""The reference design, re-implemented from DESIGN.md: the model users' ``.pth`` files fit.
+
+A plain module with exactly the reference state-dict names (vit-pytorch style ``PreNorm`` /
+``Attention`` / ``FeedForward``) and explicit ``softmax(q k^T / sqrt(d)) v`` attention. LungViT
+serves the timm model (:mod:`lungvit.core.model`); this module exists so the importer can be
+tested against an independent implementation and so benchmarks have the figures to beat.
+
+:func:`reference_config` and :func:`reference_to_timm` read such state dicts into the timm
+model; :func:`lungvit.core.checkpoint.import_reference` is the user-facing importer.
+"""
+from __future__ import annotations
+
+import io
+import math
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from lungvit.core.errors import CheckpointError
+from lungvit.core.model import VARIANTS, ModelConfig
+
+__all__ = ["ReferenceViT", "STEM_CHANNELS", "STEM_STRIDES", "reference_config",
+           "reference_to_timm", "torch_state_dict"]
+
+STEM_CHANNELS = (64, 64, 128, 128)
+STEM_STRIDES = (1, 1, 2, 2)
+
+
+class FlattenTokens(nn.Module):
+    """(B, C, H, W) -> (B, H*W, C), row-major (einops ``b c h w -> b (h w) c``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2).transpose(1, 2)
+
+
+class PreNorm(nn.Module):
+    """LayerNorm, then ``fn`` (residual added by the caller)."""
+
+    def __init__(self, dim: int, fn: nn.Module):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(self.norm(x))
+
+
+class FeedForward(nn.Module):
+    """Linear -> ReLU -> Dropout -> Linear -> Dropout (keys ``net.0`` and ``net.3``)."""
+
+    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden_dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ReferenceAttention(nn.Module):
+    """Multi-head self-attention with ``heads * dim_head`` inner width and no qkv bias."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.scale = dim_head ** -0.5
+        self.to_qkv = nn.Linear(dim, inner * 3, bias=False)
+        self.attn_drop = nn.Dropout(dropout)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        # (B, N, 3*H*D) -> three (B, H, N, D)
+        q, k, v = (t.reshape(b, n, self.heads, -1).transpose(1, 2)
+                   for t in self.to_qkv(x).chunk(3, dim=-1))
+        attn = (q @ k.transpose(-1, -2) * self.scale).softmax(dim=-1)  # (B, H, N, N)
+        out = self.attn_drop(attn) @ v  # (B, H, N, D)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))  # (B, N, dim)
+
+
+class Transformer(nn.Module):
+    """``depth`` pre-LN blocks: ``layers[i][0]`` attention, ``layers[i][1]`` MLP."""
+
+    def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PreNorm(dim, ReferenceAttention(dim, heads, dim_head, dropout)),
+                           PreNorm(dim, FeedForward(dim, mlp_dim, dropout))])
+            for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for attn, ff in self.layers:
+            x = attn(x) + x
+            x = ff(x) + x
+        return x
+
+
+class ReferenceViT(nn.Module):
+    """The reference design's conv-stem ViT (defaults: the reference configuration).
+
+    Args:
+        image_size: input side in pixels (the stem divides it by 4).
+        num_classes: outputs of the head.
+        dim, depth, heads, dim_head, mlp_dim: encoder shape.
+        channels: input channels.
+        dropout: MLP / attention dropout; emb_dropout: dropout after the positional embedding.
+    """
+
+    def __init__(self, *, image_size: int = 64, num_classes: int = 9, dim: int = 64,
+                 depth: int = 16, heads: int = 16, dim_head: int = 64, mlp_dim: int = 256,
+                 channels: int = 1, dropout: float = 0.0, emb_dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_chans = channels
+        for out_chans, stride in zip(STEM_CHANNELS, STEM_STRIDES, strict=True):
+            layers += [nn.Conv2d(in_chans, out_chans, 3, stride=stride, padding=1),
+                       nn.BatchNorm2d(out_chans), nn.ReLU()]
+            in_chans = out_chans
+        self.conv_stem = nn.Sequential(*layers)
+        self.to_patch_embedding = nn.Sequential(FlattenTokens(), nn.Linear(in_chans, dim))
+        num_patches = (image_size // 4) ** 2
+        self.pos_embedding = nn.Parameter(torch.randn(1, num_patches + 1, dim))
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.dropout = nn.Dropout(emb_dropout)
+        self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, dropout)
+        self.mlp_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        x = self.to_patch_embedding(self.conv_stem(img))  # (B, N, dim)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        x = torch.cat((cls, x), dim=1) + self.pos_embedding[:, : x.shape[1] + 1]
+        x = self.transformer(self.dropout(x))
+        return self.mlp_head(x[:, 0])  # (B, num_classes)
+
+
+# --- reading reference-design state dicts into the timm model ---------------------------
+
+def torch_state_dict(name: str, data: bytes) -> dict[str, torch.Tensor]:
+    """Read the bytes of a PyTorch file called ``name`` as a state dict, running no code.
+
+    ``torch.load(weights_only=True)`` refuses any pickled object but tensors and plain
+    containers. ``{"state_dict": ...}`` / ``{"model": ...}`` containers and the ``module.`` /
+    ``model.`` prefixes of DataParallel and Lightning are unwrapped.
+
+    Raises:
+        CheckpointError: the data is truncated, holds anything but tensors (a pickle that
+            would run code is refused unread), or is not a state dict.
+    """
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line]
+        what = f" ({found[0]})" if found else ""
+        raise CheckpointError(f"{name} was refused: it holds Python objects other than "
+                              f"tensors{what}, and LungViT never runs code from a model file"
+                              ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        reason = str(exc).strip().split(". ")[0][:200] or type(exc).__name__
+        raise CheckpointError(f"{name} is truncated or is not a PyTorch file ({reason})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise CheckpointError(f"{name} is not a state dict (a mapping of names to tensors)")
+    for prefix in ("module.", "model."):
+        if all(k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix):]: v for k, v in obj.items()}
+    return obj
+
+
+
+# Reference key -> timm key (lungvit.core.model). The 2-D Linear after flattening becomes
+# HybridEmbed's 1x1 conv; everything else keeps its shape.
+_KEY_MAP: tuple[tuple[str, str], ...] = (
+    (r"conv_stem\.(\d+)\.(.+)", r"patch_embed.backbone.\1.\2"),
+    (r"to_patch_embedding\.1\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"cls_token", "cls_token"),
+    (r"pos_embedding", "pos_embed"),
+    (r"transformer\.layers\.(\d+)\.0\.norm\.(weight|bias)", r"blocks.\1.norm1.\2"),
+    (r"transformer\.layers\.(\d+)\.0\.fn\.to_qkv\.(weight|bias)", r"blocks.\1.attn.qkv.\2"),
+    (r"transformer\.layers\.(\d+)\.0\.fn\.to_out\.0\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+    (r"transformer\.layers\.(\d+)\.1\.norm\.(weight|bias)", r"blocks.\1.norm2.\2"),
+    (r"transformer\.layers\.(\d+)\.1\.fn\.net\.0\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+    (r"transformer\.layers\.(\d+)\.1\.fn\.net\.3\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+    (r"mlp_head\.0\.(weight|bias)", r"norm.\1"),
+    (r"mlp_head\.1\.(weight|bias)", r"head.\1"),
+)
+
+
+def reference_config(state_dict: Mapping[str, torch.Tensor], *, heads: int = 16,
+                     img_size: int | None = None) -> ModelConfig:
+    """Infer the :class:`ModelConfig` of a reference-design state dict from its shapes.
+
+    The number of heads cannot be read from ``to_qkv`` (only ``heads * dim_head`` can), so
+    it is an argument: 16 in the reference design.
+
+    Raises:
+        CheckpointError: a key is missing or the shapes do not fit the reference design.
+    """
+    def get(key: str) -> torch.Tensor:
+        if key not in state_dict:
+            raise CheckpointError(f"not a reference-design state dict: it has no {key!r}")
+        return state_dict[key]
+
+    dim = get("cls_token").shape[-1]
+    n_tokens = get("pos_embedding").shape[1] - 1
+    convs = sorted(int(m.group(1)) for k in state_dict
+                   if (m := re.fullmatch(r"conv_stem\.(\d+)\.weight", k))
+                   and state_dict[k].ndim == 4)
+    if len(convs) != len(STEM_STRIDES):
+        raise CheckpointError(f"the reference stem has {len(STEM_STRIDES)} convolutions; "
+                              f"this state dict has {len(convs)}")
+    depth = sum(1 for k in state_dict
+                if re.fullmatch(r"transformer\.layers\.\d+\.0\.fn\.to_qkv\.weight", k))
+    inner = get("transformer.layers.0.0.fn.to_qkv.weight").shape[0] // 3
+    if heads < 1 or inner % heads:
+        raise CheckpointError(f"the attention is {inner} wide, which {heads} heads do not divide; "
+                              "give the right number of heads")
+    cfg = ModelConfig(
+        name="reference", in_chans=get("conv_stem.0.weight").shape[1],
+        stem_channels=tuple(state_dict[f"conv_stem.{i}.weight"].shape[0] for i in convs),
+        stem_strides=STEM_STRIDES, embed_dim=dim, depth=depth, num_heads=heads,
+        head_dim=inner // heads, mlp_dim=get("transformer.layers.0.1.fn.net.0.weight").shape[0],
+        act="relu", qkv_bias="transformer.layers.0.0.fn.to_qkv.bias" in state_dict,
+        num_classes=get("mlp_head.1.weight").shape[0],
+        img_size=img_size or 4 * math.isqrt(n_tokens))
+    grid = cfg.grid_size
+    if grid[0] * grid[1] != n_tokens:
+        raise CheckpointError(
+            f"the positional embedding holds {n_tokens} image tokens, but a {cfg.img_size}x"
+            f"{cfg.img_size} input makes {grid[0]}x{grid[1]}; give the right image size")
+    ref = replace(VARIANTS["lungvit_ref64"], num_classes=cfg.num_classes)
+    return replace(cfg, name="lungvit_ref64") if replace(cfg, name=ref.name) == ref else cfg
+
+
+def reference_to_timm(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename (and, for the token projection, reshape) reference weights for the timm model.
+
+    Raises:
+        CheckpointError: the state dict has keys the reference design does not.
+    """
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, tensor in state_dict.items():
+        for pattern, target in _KEY_MAP:
+            if match := re.fullmatch(pattern, key):
+                new_key = match.expand(target)
+                if new_key == "patch_embed.proj.weight" and tensor.ndim == 2:
+                    tensor = tensor[:, :, None, None]  # Linear (D, C) -> 1x1 conv (D, C, 1, 1)
+                out[new_key] = tensor
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
+        raise CheckpointError("not a reference-design state dict: unexpected keys "
+                              f"{', '.join(unknown[:5])}{more}")
+    return out
