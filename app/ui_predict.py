@@ -69,7 +69,7 @@ def build_predict_tab(ctx: AppContext, model_limit: int) -> gr.Dropdown:
             opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
             explain = gr.Button("Explain", variant="primary", elem_id="explain-button")
     gallery = gr.Gallery(label="Explanations (each with its faithfulness scores)", columns=4,
-                         height=320, object_fit="contain", preview=False,
+                         height=300, object_fit="contain", allow_preview=False,
                          elem_id="explanations")
     faith = gr.Dataframe(headers=h.FAITH_HEADERS, interactive=False,
                          label="Faithfulness: lower deletion / higher insertion AUC than the "

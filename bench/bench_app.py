@@ -134,7 +134,7 @@ def bench_load(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     q = np.quantile(latencies, [0.5, 0.95]) if latencies else [float("nan")] * 2
     return {"p50": float(q[0]), "p95": float(q[1]), "max": max(latencies, default=float("nan")),
             "n": len(latencies), "errors": len(errors), "rps": len(latencies) / wall,
-            "wall": wall, "cores": len(cores)}
+            "wall": wall, "cores": len(cores), "error_kinds": sorted(set(errors))}
 
 
 def main() -> None:
