@@ -1,0 +1,87 @@
+"""A real job end to end: ``lungvit train --workers 2`` on Ray (CPU), DICOM phantoms.
+
+The one Ray-backed test of the default run: the job completes; its metrics, checkpoints
+and final model land in the store; the model loads and predicts; the database holds none
+of the phantoms' patient data; no Ray process is left.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lungvit.core.dicom_write import PHI_SENTINELS
+from lungvit.core.predict import Predictor
+from lungvit.training.data import file_sha256
+from lungvit.training.store import JobStatus, open_store
+
+from .conftest import expected_metric_keys, session_processes
+
+EPOCHS = 2
+
+
+@pytest.mark.timeout(600)
+def test_train_on_ray_lands_in_the_store(tmp_path: Path, dicom_data: Path, cache_dir: Path,
+                                         popen) -> None:
+    db = tmp_path / "store" / "lungvit.db"
+    url = f"sqlite:///{db}"
+    out = tmp_path / "model.safetensors"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    proc = popen([sys.executable, "-m", "lungvit.core.cli", "train", "--data", str(dicom_data),
+                  "--out", str(out), "--variant", "lungvit_tiny", "--input-size", "32",
+                  "--epochs", str(EPOCHS), "--batch-size", "8", "--no-augment",
+                  "--patience", "0", "--cache-dir", str(cache_dir),
+                  "--workers", "2", "--db", url],
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    stdout, stderr = proc.communicate(timeout=560)
+    assert proc.returncode == 0, stderr[-4000:]
+    assert f"model: {out}" in stdout and "job 1: succeeded" in stderr
+
+    with open_store(url) as store:
+        job = store.get_job(1)
+        series = store.metrics(1)
+        ckpts = store.checkpoints(1)
+        messages = [e.message for e in store.events(1)]
+    assert (job.status, job.attempt, job.pid) == (JobStatus.SUCCEEDED, 1, proc.pid)
+    assert job.ray_address.startswith("127.0.0.1:")
+    assert job.hardware["workers"] == 2 and job.hardware["local_cluster"] is True
+    assert job.dataset_fingerprint and job.heartbeat_at and job.finished_at
+    assert job.resolved_config["train"]["accelerator"] == "cpu"
+
+    # Metrics: every optimizer step once, every evaluation once, nothing else.
+    steps = int(job.final_metrics["steps"])
+    assert steps % EPOCHS == 0 and steps >= EPOCHS
+    keys = [(step, name) for name, points in series.items() for step, _ in points]
+    assert len(keys) == len(set(keys))
+    assert set(keys) == expected_metric_keys(steps, steps // EPOCHS)
+
+    # Checkpoints: one resumable checkpoint per validation (Ray's copies), then the model.
+    per_epoch = steps // EPOCHS
+    assert [c.version for c in ckpts] == [per_epoch, steps, steps + 1]
+    for c in ckpts[:-1]:
+        assert Path(c.path).name == "checkpoint.ckpt"
+        assert Path(c.path).parent.name == f"checkpoint_step{c.version:08d}"
+        assert c.metric_name == "val/loss" and c.metric_value > 0
+    final = ckpts[-1]
+    assert final.path == job.result_checkpoint_path == str(out.resolve())
+    assert final.is_best and not any(c.is_best for c in ckpts[:-1])
+    for c in ckpts:
+        assert c.sha256 == file_sha256(c.path)
+    assert any(m.startswith("final model written") for m in messages)
+
+    # The final model loads and predicts (calibrated, the data's classes).
+    predictor = Predictor.from_checkpoint(job.result_checkpoint_path)
+    assert len(predictor.labels) == 9 and predictor.temperature > 0
+    scan = next(p for p in sorted(dicom_data.rglob("*.dcm")))
+    prediction = next(iter(predictor.predict_files([scan])))
+    assert prediction.label in predictor.labels
+
+    # No PHI in the store: not in the database file, its WAL or its shared memory.
+    stored = b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))
+    for value in PHI_SENTINELS.values():
+        assert value.encode() not in stored, value
+
+    assert session_processes(proc.pid) == {}, "Ray processes outlived the job"

@@ -1,0 +1,474 @@
+"""Fine-tune jobs: one job is one OS process that trains on Ray and reports to the store.
+
+The life of a job::
+
+    request = JobRequest(train={"data": "/scans", "epochs": 12}, workers=2)
+    job_id = launch_job(request)          # row "queued" + a detached process (survives the UI)
+        # the process, ``python -m lungvit.training.jobs --job-id N``, calls run_job(N):
+        #   prepare the data -> connect to Ray -> attempt 1 "running" -> heartbeat every
+        #   few seconds while Ray Train runs the workers -> "succeeded" with the model
+    Store.request_cancel(job_id)          # the process aborts Ray within seconds: "cancelled"
+    recover_interrupted()                 # at app start: dead processes -> "interrupted"
+    resume_job(job_id)                    # a new process continues from the last checkpoint
+
+A worker that dies is restarted by Ray (``max_failures`` times) from the latest checkpoint;
+the store counts that restart as the job's next attempt. Torch, Lightning and Ray are
+imported when a job runs, not when this module is imported: the app imports it to launch
+and recover jobs, which needs neither.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path, PurePath
+from typing import Any
+
+from sqlalchemy.engine import make_url
+
+from lungvit.core.errors import LungViTError
+from lungvit.training.config import TrainConfig
+from lungvit.training.store import JobStatus, Store, default_data_dir, default_db_url, open_store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HEARTBEAT_S = 5.0
+DEFAULT_STALE_AFTER_S = 60.0
+LOG_NAME = "job.log"
+MODEL_NAME = "model.safetensors"
+# Progress callback: (optimizer steps done, expected total or None, latest metric values).
+ProgressFn = Callable[[int, "int | None", dict[str, float]], None]
+
+
+class JobError(LungViTError):
+    """A job cannot be created, run or resumed (the message says why)."""
+
+
+@dataclass
+class JobRequest:
+    """What a fine-tune job is asked to do: the training and how to run it on Ray.
+
+    Args:
+        train: :class:`~lungvit.training.config.TrainConfig` fields (``data`` is required;
+            ``out`` and ``run_dir`` default to the job's own folder).
+        workers: data-parallel Ray Train workers.
+        use_gpu: give each worker a GPU.
+        cpus_per_worker: CPUs Ray reserves per worker.
+        gpus_per_worker: GPUs per worker when ``use_gpu`` (default 1).
+        resources_per_worker: further custom Ray resources per worker.
+        ray_address: an existing Ray cluster; None: ``RAY_ADDRESS``, else a local cluster.
+        num_cpus: CPUs of the local cluster (None: enough for the workers and the driver).
+        max_failures: times Ray may restart the workers after a failure.
+        metrics_every_n_steps: store the training loss and learning rate every N steps.
+        mlflow_uri: also log metrics to this MLflow tracking URI (needs ``mlflow``).
+        fault_injection: tests only: ``{"rank": r, "step": s}`` makes worker r exit hard
+            at step s, once.
+    """
+
+    train: dict[str, Any]
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float | None = None
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    ray_address: str | None = None
+    num_cpus: int | None = None
+    max_failures: int = 1
+    metrics_every_n_steps: int = 1
+    mlflow_uri: str | None = None
+    fault_injection: dict[str, int] | None = None
+
+    def __post_init__(self) -> None:
+        # Paths become strings: the request is stored as JSON.
+        self.train = {k: str(v) if isinstance(v, PurePath) else v
+                      for k, v in self.train.items()}
+
+    def validate(self) -> JobRequest:
+        """Raise :class:`JobError` naming every setting that cannot work; return self."""
+        problems = []
+        if not self.train.get("data"):
+            problems.append("train.data (the folder of class folders) is required")
+        unknown = sorted(set(self.train) - {f.name for f in fields(TrainConfig)})
+        if unknown:
+            problems.append(f"unknown training settings: {', '.join(unknown)}")
+        if self.workers < 1:
+            problems.append(f"workers must be >= 1, not {self.workers}")
+        if self.max_failures < 0:
+            problems.append(f"max_failures must be >= 0, not {self.max_failures}")
+        if self.metrics_every_n_steps < 1:
+            problems.append(f"metrics_every_n_steps must be >= 1, not "
+                            f"{self.metrics_every_n_steps}")
+        if self.cpus_per_worker <= 0:
+            problems.append(f"cpus_per_worker must be > 0, not {self.cpus_per_worker}")
+        if problems:
+            raise JobError("invalid job request: " + "; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobRequest:
+        """Rebuild a request; unknown keys are an error rather than silently ignored."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise JobError(f"unknown job request keys: {', '.join(unknown)}")
+        return cls(**data)
+
+    def worker_resources(self) -> dict[str, float]:
+        resources = {"CPU": float(self.cpus_per_worker), **self.resources_per_worker}
+        if self.use_gpu:
+            resources["GPU"] = float(self.gpus_per_worker or 1)
+        return resources
+
+    def local_cpus(self) -> int:
+        """CPUs for a local cluster: the workers' reservations plus one for the driver."""
+        if self.num_cpus is not None:
+            return self.num_cpus
+        return math.ceil(self.workers * self.cpus_per_worker) + 1
+
+
+# ----------------------------------------------------------------------------- folders
+def jobs_root(db_url: str) -> Path:
+    """Where jobs keep their folders: beside a SQLite store, else in the data directory."""
+    url = make_url(db_url)
+    if url.drivername.startswith("sqlite") and url.database not in (None, "", ":memory:"):
+        return Path(url.database).expanduser().resolve().parent / "runs"
+    return default_data_dir() / "runs"
+
+
+def job_run_dir(job_id: int, request: JobRequest, db_url: str) -> Path:
+    """The job's run folder: ``train.run_dir`` if the request names one."""
+    given = request.train.get("run_dir")
+    return Path(given) if given else jobs_root(db_url) / f"job-{job_id}"
+
+
+def train_config(job_id: int, request: JobRequest, db_url: str) -> TrainConfig:
+    """The request's :class:`TrainConfig`, with the job's folders and device filled in."""
+    values = dict(request.train)
+    run_dir = job_run_dir(job_id, request, db_url)
+    values["run_dir"] = str(run_dir)
+    values["out"] = values.get("out") or str(run_dir / MODEL_NAME)
+    values["accelerator"] = "gpu" if request.use_gpu else "cpu"
+    return TrainConfig.from_dict(values)
+
+
+# -------------------------------------------------------------------- creating, launching
+def _url(db_url: str | None) -> str:
+    return db_url or default_db_url()
+
+
+def create_job(request: JobRequest | Mapping[str, Any], *, db_url: str | None = None,
+               name: str | None = None) -> int:
+    """Queue a job in the store (nothing runs yet). Returns its id."""
+    if not isinstance(request, JobRequest):
+        request = JobRequest.from_dict(request)
+    request.validate()
+    with open_store(_url(db_url)) as store:
+        return store.create_job(request.to_dict(), name=name)
+
+
+def start_job_process(job_id: int, *, db_url: str | None = None,
+                      heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> subprocess.Popen[bytes]:
+    """Start the detached process that runs (or resumes) job ``job_id``.
+
+    It gets a session of its own, so it outlives the caller (and a closed UI), and writes
+    its output to ``<run dir>/job.log``.
+    """
+    url = _url(db_url)
+    with open_store(url) as store:
+        job = store.get_job(job_id)
+        run_dir = job_run_dir(job_id, JobRequest.from_dict(job.request_config), url)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log_path = run_dir / LOG_NAME
+        cmd = [sys.executable, "-m", "lungvit.training.jobs", "--job-id", str(job_id),
+               "--db", url, "--heartbeat", str(heartbeat_s)]
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        store.add_event(job_id, f"job process {proc.pid} started (log: {log_path})")
+    return proc
+
+
+def launch_job(request: JobRequest | Mapping[str, Any], *, db_url: str | None = None,
+               name: str | None = None, heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> int:
+    """Queue a job and start its detached process. Returns the job's id at once."""
+    job_id = create_job(request, db_url=db_url, name=name)
+    start_job_process(job_id, db_url=db_url, heartbeat_s=heartbeat_s)
+    return job_id
+
+
+def recover_interrupted(db_url: str | None = None, *,
+                        stale_after_s: float = DEFAULT_STALE_AFTER_S) -> list[int]:
+    """Mark running jobs whose heartbeat stopped as interrupted (call at app start)."""
+    with open_store(_url(db_url)) as store:
+        return store.mark_stale_interrupted(stale_after_s=stale_after_s)
+
+
+def resume_job(job_id: int, *, db_url: str | None = None,
+               heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> subprocess.Popen[bytes]:
+    """Start a process that continues interrupted job ``job_id`` from its last checkpoint."""
+    with open_store(_url(db_url)) as store:
+        status = store.get_job(job_id).status
+    if status is not JobStatus.INTERRUPTED:
+        raise JobError(f"job {job_id} is {status}; only an interrupted job can be resumed")
+    return start_job_process(job_id, db_url=db_url, heartbeat_s=heartbeat_s)
+
+
+# -------------------------------------------------------------------------- running
+class _Watcher(threading.Thread):
+    """The job process's heartbeat: beats, obeys cancel requests and reports progress.
+
+    Every second it checks for a cancel request (and reports progress); every
+    ``interval_s`` it beats. To stop the training it calls ``abort`` (which makes Ray
+    abort the run), again after 15 s if the run is still going.
+    """
+
+    POLL_S = 1.0
+    FORCE_AFTER_S = 15.0
+
+    def __init__(self, store: Store, job_id: int, interval_s: float,
+                 abort: Callable[[], None], progress: ProgressFn | None,
+                 total_steps: int | None) -> None:
+        super().__init__(name=f"job-{job_id}-heartbeat", daemon=True)
+        self.store, self.job_id, self.interval_s = store, job_id, interval_s
+        self.abort, self.progress, self.total_steps = abort, progress, total_steps
+        self.cancelled = False
+        self.lost = False  # another process declared this job interrupted
+        self._done = threading.Event()
+        self._aborted_at: float | None = None
+        self._last_beat = time.monotonic()
+        self._strikes = 0
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(timeout=10)
+
+    def run(self) -> None:
+        while not self._done.wait(min(self.POLL_S, self.interval_s)):
+            try:
+                self._tick()
+            except Exception:  # the store may be briefly unreachable: keep going
+                log.exception("job %d: heartbeat failed", self.job_id)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if self.store.is_cancel_requested(self.job_id):
+            self._stop_training(now, cancel=True)
+        elif now - self._last_beat >= self.interval_s:
+            self._last_beat = now
+            if self.store.heartbeat(self.job_id):
+                self._strikes = 0
+            elif self.store.get_job(self.job_id).status is JobStatus.INTERRUPTED:
+                # A Ray restart of the workers passes through "interrupted" for a moment;
+                # twice in a row means the app declared this job dead: stop, do not compete.
+                self._strikes += 1
+                if self._strikes >= 2:
+                    self._stop_training(now, cancel=False)
+        if self.progress is not None:
+            series = self.store.metrics(self.job_id, names=["train/loss", "val/loss"])
+            latest = {name: values[-1][1] for name, values in series.items() if values}
+            train = series.get("train/loss") or [(0, math.nan)]
+            self.progress(train[-1][0], self.total_steps, latest)
+
+    def _stop_training(self, now: float, cancel: bool) -> None:
+        if self._aborted_at is None:
+            self.cancelled, self.lost = cancel, not cancel
+            log.warning("job %d: %s; stopping the workers", self.job_id,
+                        "cancel requested" if cancel else "marked interrupted elsewhere")
+        elif now - self._aborted_at < self.FORCE_AFTER_S:
+            return
+        else:  # Ray forces its exit at the third SIGINT
+            self.abort()
+            self.abort()
+        self._aborted_at = now
+        self.abort()
+
+
+def _expected_steps(cfg: TrainConfig, n_train: int, workers: int) -> int:
+    """Optimizer steps the run will take at most (early stopping may end it sooner)."""
+    per_rank = math.ceil(n_train / workers)
+    batches = max(1, math.ceil(per_rank / cfg.batch_size))
+    accumulate = max(1, math.ceil(cfg.global_batch / (cfg.batch_size * workers))) \
+        if cfg.global_batch else 1
+    total = cfg.epochs * math.ceil(batches / accumulate)
+    return min(total, cfg.max_steps) if cfg.max_steps else total
+
+
+def run_job(job_id: int, *, db_url: str | None = None,
+            heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+            progress: ProgressFn | None = None) -> JobStatus:
+    """Run queued job ``job_id`` (or resume it if interrupted) in this process.
+
+    Connects to Ray, trains, and leaves the job succeeded, failed, cancelled or
+    interrupted. Must be called from the main thread (Ray aborts training by SIGINT).
+
+    Returns:
+        The job's final status.
+    """
+    url = _url(db_url)
+    store = open_store(url)
+    try:
+        job = store.get_job(job_id)
+        if job.status not in (JobStatus.QUEUED, JobStatus.INTERRUPTED):
+            raise JobError(f"job {job_id} is {job.status}; only a queued or interrupted job "
+                           "can be run")
+        store.add_event(job_id, ("resuming" if job.status is JobStatus.INTERRUPTED
+                                 else "starting") + " the job")
+        try:
+            return _run(store, job_id, JobRequest.from_dict(job.request_config), url,
+                        heartbeat_s, progress)
+        except BaseException as exc:
+            _fail(store, job_id, exc)
+            raise
+    finally:
+        store.close()
+
+
+def _fail(store: Store, job_id: int, exc: BaseException) -> None:
+    """Leave the job failed (or interrupted, if the process itself was stopped)."""
+    try:
+        if store.get_job(job_id).is_terminal:
+            return
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            # Stopped from outside (Ctrl-C, SIGTERM): resumable if it had started.
+            started = store.get_job(job_id).status is JobStatus.RUNNING
+            store.set_status(job_id, (JobStatus.INTERRUPTED if started
+                                      else JobStatus.CANCELLED).value)
+            return
+        text = (str(exc) if isinstance(exc, LungViTError)
+                else "".join(traceback.format_exception(exc)))
+        store.set_status(job_id, JobStatus.FAILED.value, error_text=text)
+    except Exception:
+        log.exception("job %d: could not record its failure", job_id)
+
+
+def _run(store: Store, job_id: int, request: JobRequest, url: str, heartbeat_s: float,
+         progress: ProgressFn | None) -> JobStatus:
+    from lungvit.training import ray_launcher
+    from lungvit.training.fit import build_datamodule, resolve_config
+
+    request.validate()
+    if request.mlflow_uri:
+        import importlib.util
+
+        if importlib.util.find_spec("mlflow") is None:
+            raise JobError("--mlflow needs MLflow, which is not installed: pip install mlflow")
+    cfg = resolve_config(train_config(job_id, request, url))
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    store.add_event(job_id, f"preparing the data ({cfg.variant}, {cfg.input_size} px)")
+    dm = build_datamodule(cfg)  # decodes and caches once, here; the workers reuse it
+    store.add_event(job_id, f"data: {len(dm.classes)} classes, train/val/test "
+                            f"{'/'.join(str(len(dm.splits[s])) for s in ('train', 'val', 'test'))}"
+                            f", {len(dm.unreadable)} unreadable")
+    resolved = {**request.to_dict(), "train": cfg.to_dict()}
+    spec = ray_launcher.TrainSpec(
+        train_config=cfg.to_dict(), job_id=job_id, db_url=url, workers=request.workers,
+        use_gpu=request.use_gpu, resources_per_worker=request.worker_resources(),
+        max_failures=request.max_failures, keep_best_k=cfg.keep_best_k,
+        storage_path=str(Path(cfg.run_dir) / "ray"), name=f"job-{job_id}",
+        launch_id=uuid.uuid4().hex, metrics_every_n_steps=request.metrics_every_n_steps,
+        mlflow_uri=request.mlflow_uri, resume_from=_latest_resumable(store, job_id),
+        fault=request.fault_injection)
+    opts = ray_launcher.ClusterOptions(address=request.ray_address,
+                                       num_cpus=None if request.ray_address
+                                       else request.local_cpus())
+    error: str | None = None
+    with ray_launcher.connect(opts) as cluster:
+        hardware = {"workers": request.workers, "resources_per_worker": spec.resources_per_worker,
+                    "cluster": cluster.resources, "local_cluster": cluster.local}
+        attempt = store.start_attempt(job_id, resolved_config=resolved, hardware=hardware,
+                                      ray_address=cluster.address, run_dir=cfg.run_dir,
+                                      dataset_fingerprint=dm.fingerprint)
+        log.info("job %d attempt %d on Ray at %s", job_id, attempt, cluster.address)
+        watcher = _Watcher(store, job_id, heartbeat_s, ray_launcher.abort_training, progress,
+                           _expected_steps(cfg, len(dm.splits["train"]), request.workers))
+        previous = signal.signal(signal.SIGTERM, lambda *_: ray_launcher.abort_training())
+        watcher.start()
+        try:
+            ray_launcher.train(spec)
+        except (SystemExit, KeyboardInterrupt):
+            if not (watcher.cancelled or watcher.lost):
+                raise  # stopped from outside (Ctrl-C, SIGTERM): interrupted, resumable
+        except ray_launcher.RayTrainingError as exc:
+            error = str(exc)
+        finally:
+            watcher.stop()
+            signal.signal(signal.SIGTERM, previous)
+    return _finish(store, job_id, watcher, error)
+
+
+def _latest_resumable(store: Store, job_id: int) -> str | None:
+    """The newest intact resumable checkpoint the store knows of (a resumed job's start)."""
+    from lungvit.training.data import file_sha256
+
+    for c in sorted(store.checkpoints(job_id), key=lambda c: c.version, reverse=True):
+        if c.path.endswith(".ckpt") and Path(c.path).is_file() and \
+                file_sha256(c.path) == c.sha256:
+            return c.path
+    return None
+
+
+def _finish(store: Store, job_id: int, watcher: _Watcher, error: str | None) -> JobStatus:
+    job = store.get_job(job_id)
+    if watcher.cancelled:
+        if job.status is JobStatus.RUNNING:
+            store.set_status(job_id, JobStatus.CANCELLED.value)
+    elif watcher.lost:
+        store.add_event(job_id, "stopped: another process marked this job interrupted",
+                        "warning")
+    elif error is not None:
+        store.set_status(job_id, JobStatus.FAILED.value, error_text=error)
+    elif job.result_checkpoint_path is None:
+        store.set_status(job_id, JobStatus.FAILED.value,
+                         error_text="training ended without writing the final model")
+    else:
+        store.set_status(job_id, JobStatus.SUCCEEDED.value)
+    return store.get_job(job_id).status
+
+
+# ------------------------------------------------------------------------- entry points
+def exit_code(status: JobStatus) -> int:
+    """0 succeeded, 3 failed, 1 anything else (cancelled, interrupted)."""
+    return {JobStatus.SUCCEEDED: 0, JobStatus.FAILED: 3}.get(status, 1)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m lungvit.training.jobs --job-id N [--db URL]``: run one job here."""
+    parser = argparse.ArgumentParser(
+        prog="python -m lungvit.training.jobs",
+        description="Run one queued LungViT fine-tune job from the tracking store (or resume "
+        "an interrupted one) in this process. The app and `lungvit runs resume` start it.")
+    parser.add_argument("--job-id", type=int, required=True, help="the job to run")
+    parser.add_argument("--db", metavar="URL", help="the store (default: the user's SQLite "
+                        "file)")
+    parser.add_argument("--heartbeat", type=float, default=DEFAULT_HEARTBEAT_S, metavar="S",
+                        help=f"seconds between heartbeats (default {DEFAULT_HEARTBEAT_S:g})")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
+    # A process started in the background may inherit SIGINT ignored; cancelling relies on it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        status = run_job(args.job_id, db_url=args.db, heartbeat_s=args.heartbeat)
+    except LungViTError as exc:
+        print(f"job {args.job_id}: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        return 130
+    print(f"job {args.job_id}: {status}")
+    return exit_code(status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

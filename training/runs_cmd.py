@@ -1,0 +1,360 @@
+"""``lungvit runs``: list, inspect, compare, cancel, resume and promote fine-tune jobs.
+
+Also defines the job options of ``lungvit train`` (:func:`add_job_arguments`). Imported at
+every CLI start, so only argparse is imported here; the store and the job machinery are
+imported when a command runs.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from datetime import datetime, timezone
+from typing import Any
+
+EXIT_OK = 0
+EVENTS_SHOWN = 15
+
+DB_HELP = ("tracking store: a SQLAlchemy URL (default: lungvit.db in the LungViT data "
+           "directory, $LUNGVIT_HOME or ~/.local/share/lungvit)")
+
+
+JOB_OPTIONS = ("workers", "gpu", "cpus_per_worker", "ray_address", "max_failures", "db",
+               "mlflow", "no_ray")
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that make ``lungvit train`` a Ray Train job tracked in the store.
+
+    Their defaults are None, so a command can tell given options from defaults; see
+    :func:`take_job_options`.
+    """
+    g = parser.add_argument_group(
+        "training on Ray (a job tracked in the store; `lungvit runs` to follow it)")
+    g.add_argument("--workers", type=_positive_int, metavar="N",
+                   help="data-parallel Ray Train workers (turns on training on Ray)")
+    g.add_argument("--gpu", action="store_true", default=None,
+                   help="give each Ray worker a GPU")
+    g.add_argument("--cpus-per-worker", type=float, metavar="N",
+                   help="CPUs Ray reserves per worker (default 1)")
+    g.add_argument("--ray-address", metavar="ADDR",
+                   help="use this existing Ray cluster (default: $RAY_ADDRESS, else a local "
+                   "one on 127.0.0.1 with token authentication and no dashboard)")
+    g.add_argument("--max-failures", type=int, metavar="N",
+                   help="times Ray may restart failed workers from the last checkpoint "
+                   "(default 1)")
+    g.add_argument("--db", metavar="URL", help=DB_HELP)
+    g.add_argument("--mlflow", metavar="URI",
+                   help="also log metrics to this MLflow tracking URI (needs mlflow)")
+    g.add_argument("--no-ray", action="store_true", default=None,
+                   help="train in this process without Ray, even with RAY_ADDRESS set")
+
+
+def take_job_options(args: argparse.Namespace) -> argparse.Namespace | None:
+    """Remove the job options from ``args``; return them if the command should run on Ray.
+
+    Training runs on Ray with ``--workers`` or ``--ray-address`` (or ``RAY_ADDRESS`` set),
+    unless ``--no-ray``; the other job options then apply.
+
+    Raises:
+        SystemExit: job options given with ``--no-ray`` or without a reason to use Ray
+            (argparse-style usage error, exit code 2).
+    """
+    import os
+
+    opts = argparse.Namespace(**{k: getattr(args, k, None) for k in JOB_OPTIONS})
+    for k in JOB_OPTIONS:
+        if hasattr(args, k):
+            delattr(args, k)
+    on_ray = not opts.no_ray and bool(opts.workers or opts.ray_address
+                                      or os.environ.get("RAY_ADDRESS"))
+    if not on_ray:
+        given = [f"--{k.replace('_', '-')}" for k in JOB_OPTIONS
+                 if k != "no_ray" and getattr(opts, k) is not None]
+        if given:
+            print(f"lungvit train: {', '.join(given)} only apply to training on Ray "
+                  "(--workers N or --ray-address ADDR)", file=sys.stderr)
+            raise SystemExit(2)
+        return None
+    return opts
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``runs`` sub-command and its actions."""
+    p = sub.add_parser(
+        "runs", help="list, inspect, compare, cancel, resume and promote fine-tune jobs",
+        description="Fine-tune jobs tracked in the store (started by `lungvit train --workers "
+        "N` or by the app): their status, metrics, checkpoints and events.")
+    actions = p.add_subparsers(dest="runs_action", metavar="ACTION", required=True)
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        a = actions.add_parser(name, help=help_text, description=help_text)
+        a.add_argument("--db", metavar="URL", help=DB_HELP)
+        return a
+
+    a = action("list", "a table of jobs, newest first")
+    a.add_argument("--status", nargs="+", metavar="STATUS",
+                   choices=("queued", "running", "succeeded", "failed", "cancelled",
+                            "interrupted"), help="only jobs in these states")
+    a.add_argument("--limit", type=_positive_int, default=50, metavar="N",
+                   help="at most N jobs (default 50)")
+    a.set_defaults(func=cmd_list)
+
+    a = action("show", "one job: configuration, metrics, checkpoints and latest events")
+    a.add_argument("job", type=int, metavar="ID")
+    a.add_argument("--events", type=int, default=EVENTS_SHOWN, metavar="N",
+                   help=f"latest events shown (default {EVENTS_SHOWN})")
+    a.set_defaults(func=cmd_show)
+
+    a = action("compare", "final metrics of two jobs side by side")
+    a.add_argument("job_a", type=int, metavar="A")
+    a.add_argument("job_b", type=int, metavar="B")
+    a.set_defaults(func=cmd_compare)
+
+    a = action("cancel", "ask a job to stop (a running one stops within seconds)")
+    a.add_argument("job", type=int, metavar="ID")
+    a.set_defaults(func=cmd_cancel)
+
+    a = action("resume", "continue an interrupted job from its last checkpoint")
+    a.add_argument("job", type=int, metavar="ID")
+    a.add_argument("--wait", action="store_true",
+                   help="run it here with a progress bar instead of in the background")
+    a.set_defaults(func=cmd_resume)
+
+    a = action("promote", "mark a checkpoint of a job as the promoted one; print its path")
+    a.add_argument("job", type=int, metavar="ID")
+    a.add_argument("--version", type=int, metavar="V",
+                   help="checkpoint version (default: the job's final model)")
+    a.set_defaults(func=cmd_promote)
+
+
+# ------------------------------------------------------------------------------ helpers
+def _store(args: argparse.Namespace) -> Any:
+    from lungvit.training.store import open_store
+
+    return open_store(args.db)
+
+
+def _when(ts: datetime | None) -> str:
+    if ts is None:
+        return "-"
+    return ts.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return f"{value:.4g}"
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
+             for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_list(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        jobs = store.list_jobs(status=args.status, limit=args.limit)
+    if not jobs:
+        print("no jobs")
+        return EXIT_OK
+    rows = []
+    for j in jobs:
+        metrics = j.final_metrics or {}
+        rows.append([str(j.id), j.name or "-", str(j.status), str(j.attempt),
+                     _when(j.created_at), _when(j.finished_at or j.heartbeat_at),
+                     _num(metrics.get("test/acc")), str(j.request_config.get("train", {})
+                                                        .get("data", "-"))])
+    print(_table(rows, ["ID", "NAME", "STATUS", "ATTEMPT", "CREATED", "LAST SEEN",
+                        "TEST ACC", "DATA"]))
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    with _store(args) as store:
+        job = store.get_job(args.job)
+        series = store.metrics(args.job)
+        ckpts = store.checkpoints(args.job)
+        events = store.events(args.job)[-args.events:] if args.events > 0 else []
+    print(f"job {job.id}{f' ({job.name})' if job.name else ''}: {job.status}, "
+          f"attempt {job.attempt}" + (", cancel requested" if job.cancel_requested
+                                      and not job.is_terminal else ""))
+    for label, value in (("created", _when(job.created_at)), ("started", _when(job.started_at)),
+                         ("heartbeat", _when(job.heartbeat_at)),
+                         ("finished", _when(job.finished_at)), ("process", (
+                             f"{job.hostname} pid {job.pid}" if job.pid else "-")),
+                         ("ray", job.ray_address or "-"), ("run dir", job.run_dir or "-"),
+                         ("data fingerprint", job.dataset_fingerprint or "-"),
+                         ("model", job.result_checkpoint_path or "-")):
+        print(f"  {label + ':':18}{value}")
+    if job.error_text:
+        print("error:\n  " + "\n  ".join(job.error_text.strip().splitlines()[-12:]))
+    print("request:\n  " + json.dumps(job.request_config, sort_keys=True, default=str))
+    if series:
+        rows = []
+        for name, points in sorted(series.items()):
+            values = [v for _, v in points if not math.isnan(v)]
+            best = min(values) if values and "loss" in name else (max(values) if values else None)
+            rows.append([name, str(len(points)), str(points[-1][0]), _num(points[-1][1]),
+                         _num(best)])
+        print("metrics:\n" + _indent(_table(rows, ["NAME", "POINTS", "LAST STEP", "LAST",
+                                                   "BEST"])))
+    if job.final_metrics:
+        print("final metrics:\n" + _indent(_table(
+            [[k, _num(v)] for k, v in sorted(job.final_metrics.items())], ["NAME", "VALUE"])))
+    if ckpts:
+        rows = [[str(c.version), _num(c.metric_value), "*" if c.is_best else "",
+                 "*" if c.promoted else "", c.sha256[:12],
+                 c.path + ("" if Path(c.path).exists() else "  (deleted)")] for c in ckpts]
+        print("checkpoints:\n" + _indent(_table(rows, ["VERSION", "VAL LOSS", "BEST",
+                                                       "PROMOTED", "SHA256", "PATH"])))
+    if events:
+        print("events:")
+        for e in events:
+            print(f"  {_when(e.ts)}  {e.level:7}  {e.message}")
+    return EXIT_OK
+
+
+def _indent(text: str) -> str:
+    return "  " + text.replace("\n", "\n  ")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        pairs = store.compare(args.job_a, args.job_b)
+    if not pairs:
+        print(f"neither job {args.job_a} nor job {args.job_b} has metrics yet")
+        return EXIT_OK
+    rows = []
+    for name, (a, b) in pairs.items():
+        diff = b - a if a is not None and b is not None else None
+        rows.append([name, _num(a), _num(b), "-" if diff is None else f"{diff:+.4g}"])
+    print(_table(rows, ["METRIC", f"JOB {args.job_a}", f"JOB {args.job_b}", "B - A"]))
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from lungvit.training.store import JobStatus
+
+    with _store(args) as store:
+        status = store.request_cancel(args.job)
+    if status is JobStatus.CANCELLED:
+        print(f"job {args.job}: cancelled")
+    elif status is JobStatus.RUNNING:
+        print(f"job {args.job}: cancel requested; it stops within seconds")
+    else:
+        print(f"job {args.job} is already {status}; nothing to cancel")
+    return EXIT_OK
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from lungvit.training import jobs
+
+    if args.wait:
+        with _store(args) as store:
+            status = store.get_job(args.job).status
+        if status.value != "interrupted":
+            raise jobs.JobError(f"job {args.job} is {status}; only an interrupted job can be "
+                                "resumed")
+        return run_in_foreground(args.job, db_url=args.db)
+    proc = jobs.resume_job(args.job, db_url=args.db)
+    print(f"job {args.job}: resuming in process {proc.pid}; follow it with "
+          f"`lungvit runs show {args.job}`")
+    return EXIT_OK
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from lungvit.training.store import JobNotFoundError
+
+    with _store(args) as store:
+        version = args.version
+        if version is None:
+            job = store.get_job(args.job)
+            finals = [c.version for c in store.checkpoints(args.job)
+                      if job.result_checkpoint_path and c.path == job.result_checkpoint_path]
+            if not finals:
+                raise JobNotFoundError(f"job {args.job} has no final model yet; name a "
+                                       "checkpoint with --version")
+            version = finals[-1]
+        record = store.promote(args.job, version)
+    print(record.path)
+    print(f"job {args.job}: checkpoint v{record.version} promoted", file=sys.stderr)
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------- lungvit train on Ray
+def request_from_cli(cfg: Any, opts: argparse.Namespace) -> Any:
+    """The job request of ``lungvit train``: its TrainConfig plus the job options."""
+    from lungvit.training.jobs import JobRequest
+
+    request = JobRequest(train=cfg.to_dict(), workers=opts.workers or 1,
+                         use_gpu=bool(opts.gpu), ray_address=opts.ray_address,
+                         mlflow_uri=opts.mlflow)
+    if opts.max_failures is not None:
+        request.max_failures = opts.max_failures
+    if opts.cpus_per_worker is not None:
+        request.cpus_per_worker = opts.cpus_per_worker
+    return request.validate()
+
+
+def run_cli_job(cfg: Any, opts: argparse.Namespace) -> int:
+    """``lungvit train`` on Ray: queue a job in the store and run it here."""
+    from lungvit.training import jobs
+    from lungvit.training.store import default_db_url
+
+    url = opts.db or default_db_url()
+    job_id = jobs.create_job(request_from_cli(cfg, opts), db_url=url)
+    print(f"job {job_id}; follow it with `lungvit runs show {job_id}`", file=sys.stderr)
+    return run_in_foreground(job_id, db_url=url)
+
+
+def run_in_foreground(job_id: int, *, db_url: str | None = None) -> int:
+    """Run (or resume) a job in this process with a progress bar; print the outcome.
+
+    Returns:
+        An exit code: 0 succeeded, 3 failed, 1 cancelled or interrupted.
+    """
+    from tqdm.auto import tqdm
+
+    from lungvit.training import jobs
+    from lungvit.training.store import open_store
+
+    bar = tqdm(total=None, unit="step", desc=f"job {job_id}", dynamic_ncols=True)
+
+    def show(step: int, total: int | None, latest: dict[str, float]) -> None:
+        if total and bar.total != total:
+            bar.total = total
+        bar.n = step
+        bar.set_postfix({k.replace("/", "_"): f"{v:.3f}" for k, v in latest.items()},
+                        refresh=True)
+
+    try:
+        status = jobs.run_job(job_id, db_url=db_url, progress=show)
+    finally:
+        bar.close()
+    with open_store(db_url) as store:
+        job = store.get_job(job_id)
+    print(f"job {job_id}: {status}", file=sys.stderr)
+    if job.result_checkpoint_path:
+        acc = (job.final_metrics or {}).get("test/acc")
+        shown = f" (test accuracy {acc:.1%})" if isinstance(acc, float) else ""
+        print(f"model: {job.result_checkpoint_path}{shown}")
+    if job.error_text:
+        print(job.error_text.strip().splitlines()[-1], file=sys.stderr)
+    return jobs.exit_code(status)
