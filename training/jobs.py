@@ -306,12 +306,19 @@ def _expected_steps(cfg: TrainConfig, n_train: int, workers: int) -> int:
 
 
 def run_job(job_id: int, *, db_url: str | None = None,
-            heartbeat_s: float = DEFAULT_HEARTBEAT_S,
-            progress: ProgressFn | None = None) -> JobStatus:
+            heartbeat_s: float = DEFAULT_HEARTBEAT_S, progress: ProgressFn | None = None,
+            worker_logs: bool = True) -> JobStatus:
     """Run queued job ``job_id`` (or resume it if interrupted) in this process.
 
     Connects to Ray, trains, and leaves the job succeeded, failed, cancelled or
     interrupted. Must be called from the main thread (Ray aborts training by SIGINT).
+
+    Args:
+        job_id: the job.
+        db_url: its store (default: the user's SQLite file).
+        heartbeat_s: seconds between heartbeats.
+        progress: called about every second with (step, expected steps, latest metrics).
+        worker_logs: print the Ray workers' output here (else it stays in Ray's logs).
 
     Returns:
         The job's final status.
@@ -327,7 +334,7 @@ def run_job(job_id: int, *, db_url: str | None = None,
                                  else "starting") + " the job")
         try:
             return _run(store, job_id, JobRequest.from_dict(job.request_config), url,
-                        heartbeat_s, progress)
+                        heartbeat_s, progress, worker_logs)
         except BaseException as exc:
             _fail(store, job_id, exc)
             raise
@@ -354,7 +361,7 @@ def _fail(store: Store, job_id: int, exc: BaseException) -> None:
 
 
 def _run(store: Store, job_id: int, request: JobRequest, url: str, heartbeat_s: float,
-         progress: ProgressFn | None) -> JobStatus:
+         progress: ProgressFn | None, worker_logs: bool) -> JobStatus:
     from lungvit.training import ray_launcher
     from lungvit.training.fit import build_datamodule, resolve_config
 
@@ -382,7 +389,7 @@ def _run(store: Store, job_id: int, request: JobRequest, url: str, heartbeat_s: 
         fault=request.fault_injection)
     opts = ray_launcher.ClusterOptions(address=request.ray_address,
                                        num_cpus=None if request.ray_address
-                                       else request.local_cpus())
+                                       else request.local_cpus(), log_to_driver=worker_logs)
     error: str | None = None
     with ray_launcher.connect(opts) as cluster:
         hardware = {"workers": request.workers, "resources_per_worker": spec.resources_per_worker,
@@ -438,6 +445,64 @@ def _finish(store: Store, job_id: int, watcher: _Watcher, error: str | None) -> 
 
 
 # ------------------------------------------------------------------------- entry points
+def request_from_cli(cfg: TrainConfig, opts: argparse.Namespace) -> JobRequest:
+    """The job request of ``lungvit train``: its TrainConfig plus the job options of
+    :func:`lungvit.training.runs_cmd.add_job_arguments`."""
+    request = JobRequest(train=cfg.to_dict(), workers=opts.workers or 1,
+                         use_gpu=bool(opts.gpu), ray_address=opts.ray_address,
+                         mlflow_uri=opts.mlflow)
+    if opts.max_failures is not None:
+        request.max_failures = opts.max_failures
+    if opts.cpus_per_worker is not None:
+        request.cpus_per_worker = opts.cpus_per_worker
+    return request.validate()
+
+
+def run_cli_job(cfg: TrainConfig, opts: argparse.Namespace) -> int:
+    """``lungvit train`` on Ray: queue a job in the store and run it here."""
+    url = _url(opts.db)
+    job_id = create_job(request_from_cli(cfg, opts), db_url=url)
+    where = f" --db {opts.db}" if opts.db else ""
+    print(f"job {job_id}: `lungvit runs show {job_id}{where}` shows it in detail"
+          + ("" if opts.verbose else " (`lungvit -v train ...` also shows the workers' output)"),
+          file=sys.stderr)
+    return run_in_foreground(job_id, db_url=url, worker_logs=opts.verbose)
+
+
+def run_in_foreground(job_id: int, *, db_url: str | None = None,
+                      worker_logs: bool = False) -> int:
+    """Run (or resume) a job in this process with a progress bar; print the outcome.
+
+    Returns:
+        An exit code: 0 succeeded, 3 failed, 1 cancelled or interrupted.
+    """
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=None, unit="step", desc=f"job {job_id}", dynamic_ncols=True)
+
+    def show(step: int, total: int | None, latest: dict[str, float]) -> None:
+        if total and bar.total != total:
+            bar.total = total
+        bar.n = step
+        bar.set_postfix({k.replace("/", "_"): f"{v:.3f}" for k, v in latest.items()},
+                        refresh=True)
+
+    try:
+        status = run_job(job_id, db_url=db_url, progress=show, worker_logs=worker_logs)
+    finally:
+        bar.close()
+    with open_store(_url(db_url)) as store:
+        job = store.get_job(job_id)
+    print(f"job {job_id}: {status}", file=sys.stderr)
+    if job.result_checkpoint_path:
+        acc = (job.final_metrics or {}).get("test/acc")
+        shown = f" (test accuracy {acc:.1%})" if isinstance(acc, float) else ""
+        print(f"model: {job.result_checkpoint_path}{shown}")
+    if job.error_text:
+        print(job.error_text.strip().splitlines()[-1], file=sys.stderr)
+    return exit_code(status)
+
+
 def exit_code(status: JobStatus) -> int:
     """0 succeeded, 3 failed, 1 anything else (cancelled, interrupted)."""
     return {JobStatus.SUCCEEDED: 0, JobStatus.FAILED: 3}.get(status, 1)

@@ -76,6 +76,8 @@ class ClusterOptions:
         num_cpus, num_gpus: resources of the local cluster (None: what the machine has).
         dashboard: start the local cluster's dashboard.
         dashboard_host: where the dashboard listens; must be a loopback address.
+        log_to_driver: print the workers' output in this process (else it stays in Ray's
+            session logs).
     """
 
     address: str | None = None
@@ -83,6 +85,7 @@ class ClusterOptions:
     num_gpus: int | None = None
     dashboard: bool = False
     dashboard_host: str = "127.0.0.1"
+    log_to_driver: bool = True
 
     def resolved_address(self, environ: Mapping[str, str] = os.environ) -> str | None:
         return self.address or environ.get("RAY_ADDRESS") or None
@@ -164,9 +167,11 @@ def connect(opts: ClusterOptions) -> Iterator[Cluster]:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ctx = ray.init(address="local", num_cpus=opts.num_cpus, num_gpus=opts.num_gpus,
                        include_dashboard=opts.dashboard, dashboard_host=opts.dashboard_host,
-                       _node_ip_address="127.0.0.1", configure_logging=False)
+                       _node_ip_address="127.0.0.1", log_to_driver=opts.log_to_driver,
+                       configure_logging=False)
     else:
-        ctx = ray.init(address=address, configure_logging=False)
+        ctx = ray.init(address=address, log_to_driver=opts.log_to_driver,
+                       configure_logging=False)
     try:
         gcs = ctx.address_info.get("gcs_address") or address or ""
         if local:

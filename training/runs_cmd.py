@@ -62,7 +62,8 @@ def take_job_options(args: argparse.Namespace) -> argparse.Namespace | None:
     """
     import os
 
-    opts = argparse.Namespace(**{k: getattr(args, k, None) for k in JOB_OPTIONS})
+    opts = argparse.Namespace(**{k: getattr(args, k, None) for k in JOB_OPTIONS},
+                              verbose=bool(getattr(args, "verbose", False)))
     for k in JOB_OPTIONS:
         if hasattr(args, k):
             delattr(args, k)
@@ -209,10 +210,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     if series:
         rows = []
         for name, points in sorted(series.items()):
-            values = [v for _, v in points if not math.isnan(v)]
-            best = min(values) if values and "loss" in name else (max(values) if values else None)
             rows.append([name, str(len(points)), str(points[-1][0]), _num(points[-1][1]),
-                         _num(best)])
+                         _num(_best(name, [v for _, v in points]))])
         print("metrics:\n" + _indent(_table(rows, ["NAME", "POINTS", "LAST STEP", "LAST",
                                                    "BEST"])))
     if job.final_metrics:
@@ -229,6 +228,18 @@ def cmd_show(args: argparse.Namespace) -> int:
         for e in events:
             print(f"  {_when(e.ts)}  {e.level:7}  {e.message}")
     return EXIT_OK
+
+
+def _best(name: str, values: list[float]) -> float | None:
+    """The best value of a metric series: lowest loss or ECE, highest accuracy-like."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return None
+    if any(k in name for k in ("loss", "ece")):
+        return min(values)
+    if any(k in name for k in ("acc", "f1", "auc", "top5")):
+        return max(values)
+    return None  # e.g. the learning rate
 
 
 def _indent(text: str) -> str:
@@ -272,7 +283,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
         if status.value != "interrupted":
             raise jobs.JobError(f"job {args.job} is {status}; only an interrupted job can be "
                                 "resumed")
-        return run_in_foreground(args.job, db_url=args.db)
+        return jobs.run_in_foreground(args.job, db_url=args.db,
+                                      worker_logs=bool(getattr(args, "verbose", False)))
     proc = jobs.resume_job(args.job, db_url=args.db)
     print(f"job {args.job}: resuming in process {proc.pid}; follow it with "
           f"`lungvit runs show {args.job}`")
@@ -296,65 +308,3 @@ def cmd_promote(args: argparse.Namespace) -> int:
     print(record.path)
     print(f"job {args.job}: checkpoint v{record.version} promoted", file=sys.stderr)
     return EXIT_OK
-
-
-# ------------------------------------------------------------------- lungvit train on Ray
-def request_from_cli(cfg: Any, opts: argparse.Namespace) -> Any:
-    """The job request of ``lungvit train``: its TrainConfig plus the job options."""
-    from lungvit.training.jobs import JobRequest
-
-    request = JobRequest(train=cfg.to_dict(), workers=opts.workers or 1,
-                         use_gpu=bool(opts.gpu), ray_address=opts.ray_address,
-                         mlflow_uri=opts.mlflow)
-    if opts.max_failures is not None:
-        request.max_failures = opts.max_failures
-    if opts.cpus_per_worker is not None:
-        request.cpus_per_worker = opts.cpus_per_worker
-    return request.validate()
-
-
-def run_cli_job(cfg: Any, opts: argparse.Namespace) -> int:
-    """``lungvit train`` on Ray: queue a job in the store and run it here."""
-    from lungvit.training import jobs
-    from lungvit.training.store import default_db_url
-
-    url = opts.db or default_db_url()
-    job_id = jobs.create_job(request_from_cli(cfg, opts), db_url=url)
-    print(f"job {job_id}; follow it with `lungvit runs show {job_id}`", file=sys.stderr)
-    return run_in_foreground(job_id, db_url=url)
-
-
-def run_in_foreground(job_id: int, *, db_url: str | None = None) -> int:
-    """Run (or resume) a job in this process with a progress bar; print the outcome.
-
-    Returns:
-        An exit code: 0 succeeded, 3 failed, 1 cancelled or interrupted.
-    """
-    from tqdm.auto import tqdm
-
-    from lungvit.training import jobs
-    from lungvit.training.store import open_store
-
-    bar = tqdm(total=None, unit="step", desc=f"job {job_id}", dynamic_ncols=True)
-
-    def show(step: int, total: int | None, latest: dict[str, float]) -> None:
-        if total and bar.total != total:
-            bar.total = total
-        bar.n = step
-        bar.set_postfix({k.replace("/", "_"): f"{v:.3f}" for k, v in latest.items()},
-                        refresh=True)
-
-    try:
-        status = jobs.run_job(job_id, db_url=db_url, progress=show)
-    finally:
-        bar.close()
-    with open_store(db_url) as store:
-        job = store.get_job(job_id)
-    print(f"job {job_id}: {status}", file=sys.stderr)
-    if job.result_checkpoint_path:
-        acc = (job.final_metrics or {}).get("test/acc")
-        shown = f" (test accuracy {acc:.1%})" if isinstance(acc, float) else ""
-        print(f"model: {job.result_checkpoint_path}{shown}")
-    if job.error_text:
-        print(job.error_text.strip().splitlines()[-1], file=sys.stderr)
-    return jobs.exit_code(status)

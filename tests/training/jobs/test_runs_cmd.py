@@ -10,7 +10,8 @@ import pytest
 
 from lungvit.core.cli import build_parser, main
 from lungvit.training.config import TrainConfig
-from lungvit.training.runs_cmd import request_from_cli, take_job_options
+from lungvit.training.jobs import request_from_cli
+from lungvit.training.runs_cmd import take_job_options
 from lungvit.training.store import JobStatus, open_store
 
 
