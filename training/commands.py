@@ -67,6 +67,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="auto (bf16/16-mixed on GPU, 32-true on CPU) or a Lightning precision")
     opt.add_argument("--seed", type=int, metavar="N", help="seed for weights and splits (0)")
     run = p.add_argument_group("evaluation, checkpoints and hardware")
+    run.add_argument("--val-frac", type=float, metavar="X",
+                     help="fraction of each class held out for validation (0.15)")
+    run.add_argument("--test-frac", type=float, metavar="X",
+                     help="fraction of each class held out for the final test (0.15)")
     run.add_argument("--val-every", type=int, metavar="N",
                      help="validate every N optimizer steps (default: each epoch)")
     run.add_argument("--checkpoint-every", type=int, metavar="N",
