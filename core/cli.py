@@ -21,7 +21,10 @@ COMMAND_MODULES: tuple[str, ...] = (
     "lungvit.core.commands.inspect_cmd",
     "lungvit.core.commands.demo_data_cmd",
     "lungvit.core.commands.model_cmds",
+    "lungvit.core.commands.predict_cmd",
+    "lungvit.core.commands.explain_cmd",
     "lungvit.training.commands",
+    "lungvit.training.runs_cmd",
 )
 
 EXIT_OK = 0
