@@ -79,8 +79,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--patience", type=int, metavar="N",
                      help="stop after N evaluations without a lower val loss; 0: never (5)")
     run.add_argument("--run-dir", metavar="DIR",
-                     help="run folder (default: ~/.local/share/lungvit/runs/<MODEL name>/version_<n>, "
-                     "under $LUNGVIT_HOME when set)")
+                     help="run folder (default: ~/.local/share/lungvit/runs/<MODEL name>/"
+                     "version_<n>, under $LUNGVIT_HOME when set)")
     run.add_argument("--resume", metavar="CKPT", help="continue from a run's .ckpt file")
     run.add_argument("--loader-workers", type=int, metavar="N",
                      help="data loading and decoding processes (0: in this process)")

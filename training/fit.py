@@ -226,7 +226,11 @@ def build_training_model(cfg: TrainConfig, classes: Sequence[str]
 @torch.no_grad()
 def collect_logits(model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu"
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``model`` (eval mode, fp32) over a loader of (x, y); return (N, C) logits, (N,) targets."""
+    """Run ``model`` (eval mode, fp32) over a loader of (x, y).
+
+    Returns:
+        (N, C) logits and (N,) targets, on the CPU.
+    """
     model = model.to(device).eval()
     logits, targets = [], []
     for x, y in loader:
@@ -411,10 +415,10 @@ def fit(cfg: TrainConfig, *, datamodule: ScanDataModule | None = None,
                 "quantile": OOD_ENERGY_QUANTILE, "source": "validation split"},
     }
     train_counts = dm.class_counts["train"]
+    sizes = "/".join(str(sum(dm.class_counts[s].values())) for s in ("train", "val", "test"))
     provenance = Provenance(
         dataset=(f"{Path(dm.index.root).name}: {sum(dm.class_counts['total'].values())} images "
-                 f"in {len(classes)} classes; train/val/test "
-                 f"{'/'.join(str(sum(dm.class_counts[s].values())) for s in ('train', 'val', 'test'))}"),
+                 f"in {len(classes)} classes; train/val/test {sizes}"),
         class_counts=dict(train_counts), dataset_fingerprint=dm.fingerprint,
         epochs=int(trainer.current_epoch), train_time_s=round(wall, 2),
         gpu_type=hardware["gpu_type"], gpu_count=hardware["gpu_count"],

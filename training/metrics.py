@@ -46,7 +46,8 @@ def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int = 1) -> fl
 def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(C, C) int64 counts; row = true class, column = predicted class."""
     idx = targets.long() * num_classes + preds.long()
-    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    counts = torch.bincount(idx, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
 
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -88,7 +89,8 @@ def _average_ranks(x: torch.Tensor) -> torch.Tensor:
     new_group[1:] = xs[1:] != xs[:-1]
     group_id = torch.cumsum(new_group.long(), 0) - 1  # (N,)
     positions = torch.arange(1, len(x) + 1, dtype=torch.float64)
-    sums = torch.zeros(int(group_id[-1]) + 1, dtype=torch.float64).index_add_(0, group_id, positions)
+    sums = torch.zeros(int(group_id[-1]) + 1, dtype=torch.float64)
+    sums.index_add_(0, group_id, positions)
     counts = torch.bincount(group_id).double()
     ranks = torch.empty_like(positions)
     ranks[order] = (sums / counts)[group_id]
@@ -117,7 +119,8 @@ def roc_auc_ovr(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, n_bins: int = 15) -> float:
+def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor,
+                               n_bins: int = 15) -> float:
     """ECE: confidence-weighted gap between accuracy and confidence over equal-width bins.
 
     Confidence is the top probability; bin b holds confidences in ((b-1)/n_bins, b/n_bins]

@@ -129,7 +129,8 @@ class LungViTModule(L.LightningModule):
         return self.model(x)  # (B, C)
 
     # ----------------------------------------------------------------- training
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor],
+                      batch_idx: int) -> torch.Tensor:
         x, y = batch  # (B, 1, S, S), (B,)
         logits = self.model(x)  # (B, C)
         loss = F.cross_entropy(logits, y, weight=self.class_weights,

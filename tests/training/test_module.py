@@ -153,7 +153,8 @@ def test_freeze_callback_holds_the_stem_then_releases_it() -> None:
 
     class Snap(Callback):
         def on_train_epoch_end(self, trainer, pl_module) -> None:
-            snapshots.append({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()})
+            state = pl_module.model.state_dict()
+            snapshots.append({k: v.detach().clone() for k, v in state.items()})
 
     before = {k: v.detach().clone() for k, v in module.model.state_dict().items()}
     trainer = _trainer(max_epochs=2, limit_val_batches=0, callbacks=[freeze, Snap()])
