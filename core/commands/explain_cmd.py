@@ -1,0 +1,136 @@
+"""``lungvit explain``: why the model says what it says, with a faithfulness score per map."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "explain", help="draw attention rollout / Captum maps over a scan, each with a faithfulness score",
+        description="Explain the model's answer on FILE with one or more methods. Each map is "
+        "scored by deletion and insertion AUC (the target probability as the most-attributed "
+        "pixels are removed / added): a faithful map has a LOWER deletion AUC and a HIGHER "
+        "insertion AUC than a random map, shown beside it.",
+        epilog="methods: rollout (attention rollout), grad_rollout (class-specific rollout), "
+        "ig (Integrated Gradients), gradient_shap, smoothgrad (saliency + SmoothGrad), "
+        "occlusion, gradcam (Grad-CAM on the token grid); 'all' for every one.")
+    p.add_argument("file", metavar="FILE", help="the scan (DICOM, PNG or JPEG)")
+    p.add_argument("--model", metavar="MODEL",
+                   help="checkpoint (.safetensors, or a reference-design .pth); default: the bundled demo model")
+    p.add_argument("--method", default="rollout", metavar="M[,M...]",
+                   help="comma-separated methods (default: rollout)")
+    p.add_argument("--target", metavar="CLASS",
+                   help="class to explain, by label or index (default: the predicted class)")
+    p.add_argument("--out", metavar="DIR", help="save overlay PNGs and .npy maps in DIR")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--opacity", type=float, default=0.5, metavar="A", help="overlay opacity 0..1 (0.5)")
+    p.add_argument("--no-faithfulness", action="store_true", help="skip the deletion/insertion scoring")
+    p.set_defaults(func=run)
+
+
+def _methods(spec: str, known: tuple[str, ...]) -> list[str]:
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    if names == ["all"]:
+        return list(known)
+    unknown = [m for m in names if m not in known]
+    if unknown or not names:
+        raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(known)} or all")
+    return names
+
+
+def _target(spec: str | None, labels: tuple[str, ...]) -> int | None:
+    if spec is None:
+        return None
+    if spec in labels:
+        return labels.index(spec)
+    if spec.isdigit() and int(spec) < len(labels):
+        return int(spec)
+    raise ValueError(f"unknown class {spec!r}; give one of {', '.join(labels)} or an index 0..{len(labels) - 1}")
+
+
+def _save(out: Path, stem: str, es: Any) -> dict[str, dict[str, str]]:
+    import numpy as np
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, dict[str, str]] = {}
+    for e in es:
+        paths = {"overlay": out / f"{stem}.{e.method}.png", "map": out / f"{stem}.{e.method}.map.npy",
+                 "raw": out / f"{stem}.{e.method}.raw.npy"}
+        Image.fromarray(e.overlay).save(paths["overlay"])
+        np.save(paths["map"], e.map)
+        np.save(paths["raw"], e.raw)
+        files[e.method] = {k: str(v) for k, v in paths.items()}
+    return files
+
+
+def _table(es: Any, labels: tuple[str, ...]) -> str:
+    t = es.target
+    lines = [f"explaining {labels[t]} (p = {es.probabilities[t]:.1%})",
+             f"{'method':<14}{'seconds':>8}  {'deletion AUC':>18}  {'insertion AUC':>18}  notes",
+             f"{'':<14}{'':>8}  {'map / random':>18}  {'map / random':>18}"]
+    for e in es:
+        f = e.faithfulness
+        dele = f"{f['deletion_auc']:.3f} / {f['random_deletion_auc']:.3f}" if f else "-"
+        ins = f"{f['insertion_auc']:.3f} / {f['random_insertion_auc']:.3f}" if f else "-"
+        note = ""
+        if "delta" in e.extras:
+            note = f"IG delta {e.extras['relative_delta']:.2%} of logit, {e.extras['n_steps']} steps"
+        lines.append(f"{e.method:<14}{e.seconds:>8.2f}  {dele:>18}  {ins:>18}  {note}")
+    lines.append("(faithful maps: deletion AUC below random, insertion AUC above)")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lungvit.core.checkpoint import load_checkpoint
+    from lungvit.core.errors import ScanReadError
+    from lungvit.core.explain import METHODS, explain
+    from lungvit.core.ingest import load_scan
+    from lungvit.core.predict import Predictor
+
+    try:
+        methods = _methods(args.method, tuple(METHODS))
+    except ValueError as exc:
+        print(f"lungvit explain: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not 0.0 <= args.opacity <= 1.0:
+        print(f"lungvit explain: --opacity must be between 0 and 1, got {args.opacity}", file=sys.stderr)
+        return EXIT_USAGE
+    # The predictor resolves the model exactly as `lungvit predict` does (bundled default,
+    # preprocessing and temperature from the checkpoint header).
+    predictor = (Predictor(*load_checkpoint(args.model), device="cpu") if args.model
+                 else Predictor.from_checkpoint(None, device="cpu"))
+    labels = predictor.labels
+    try:
+        target = _target(args.target, labels)
+    except ValueError as exc:
+        print(f"lungvit explain: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        scan = load_scan(args.file)
+    except ScanReadError as exc:
+        print(f"{Path(args.file).name}: ERROR {exc}", file=sys.stderr)
+        return EXIT_SOME_FAILED
+
+    es = explain(predictor.model, scan.pixels, preprocess=predictor.preprocess, methods=methods, target=target,
+                 faithfulness=not args.no_faithfulness, opacity=args.opacity, temperature=predictor.temperature)
+    summary = es.summary(labels)
+    summary["file"] = Path(args.file).name
+    if args.out:
+        files = _save(Path(args.out), Path(args.file).stem, es)
+        for m in summary["methods"]:
+            m["files"] = files[m["method"]]
+    if args.json:
+        json.dump(summary, sys.stdout, indent=2)
+        print()
+    else:
+        print(_table(es, labels))
+        if args.out:
+            print(f"overlays and maps saved in {args.out}")
+    return EXIT_OK

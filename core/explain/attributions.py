@@ -1,0 +1,307 @@
+"""Attribution methods for one target class, each returning a raw map at model resolution.
+
+Every method is a function ``(model, x, target, *, ctx, **options) -> RawAttribution``
+registered in :data:`METHODS`; :func:`compute` dispatches by name. ``x`` is one normalised
+model input (1, C, S, S); the raw map is either at input resolution (S, S) (Captum's
+pixel methods) or on the token grid (h, w) (rollout, Grad-CAM). ``ctx`` carries the
+baseline (black, normalised) and the value range of the input space.
+
+Captum methods (Integrated Gradients, GradientSHAP, Saliency + SmoothGrad, Occlusion) use
+``torch.autograd.grad`` internally and register no hooks on the model, so they are safe on a
+shared instance. Grad-CAM needs a hook; like the attention capture it records only the
+calling thread's forward pass and runs under the per-model lock.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from captum.attr import GradientShap, IntegratedGradients, NoiseTunnel, Occlusion, Saliency
+from torch import nn
+
+from lungvit.core.explain.rollout import attention_rollout, gradient_rollout, grid_shape, model_lock
+from lungvit.core.preprocess import PreprocessConfig
+
+# Seeded sections (SmoothGrad, GradientSHAP) fork the global RNG; forks of the process-wide
+# generator must not interleave, so they take this lock (it guards RNG state, holds no data).
+_RNG_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class AttributionContext:
+    """What every method needs besides the model and input.
+
+    Attributes:
+        baseline_value: the normalised value of black, ``(0 - mean) / std``.
+        value_range: (low, high) of the normalised input space (black, white).
+    """
+
+    baseline_value: float
+    value_range: tuple[float, float]
+
+    @property
+    def span(self) -> float:
+        return self.value_range[1] - self.value_range[0]
+
+    def baseline(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(x, self.baseline_value)
+
+    @classmethod
+    def from_preprocess(cls, cfg: PreprocessConfig | None) -> AttributionContext:
+        """Black and white of the [0, 1] scan, in the model's normalised input space."""
+        cfg = cfg or PreprocessConfig()
+        lo, hi = (0.0 - cfg.mean) / cfg.std, (1.0 - cfg.mean) / cfg.std
+        return cls(baseline_value=lo, value_range=(lo, hi))
+
+
+@dataclass
+class RawAttribution:
+    """A method's raw output for one input.
+
+    Attributes:
+        raw: (h, w) signed (or non-negative) map at model resolution, float32, on CPU.
+        signed: whether negative values mean evidence *against* the target.
+        extras: method-specific numbers (IG convergence delta, steps, ...).
+        logits: the model's logits on the input when the method ran a plain forward pass
+            anyway (rollout), so a caller need not run another.
+    """
+
+    raw: torch.Tensor
+    signed: bool
+    extras: dict[str, Any] = field(default_factory=dict)
+    logits: torch.Tensor | None = None  # (K,) when the method's own forward pass gave them
+
+
+def _reduce_channels(attr: torch.Tensor) -> torch.Tensor:
+    """(1, C, S, S) -> (S, S) by summing channels (completeness is kept)."""
+    return attr.detach().sum(dim=1)[0].float().cpu()
+
+
+def _forward(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda inp: model(inp)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def rollout_method(model: nn.Module, x: torch.Tensor, target: int, *, ctx: AttributionContext,
+                   head_fusion: str = "mean", discard_ratio: float = 0.0) -> RawAttribution:
+    """Attention rollout (class-agnostic; ``target`` is recorded, not used)."""
+    m, logits = attention_rollout(model, x, head_fusion=head_fusion, discard_ratio=discard_ratio)
+    return RawAttribution(m[0].float().cpu(), signed=False,
+                          extras={"head_fusion": head_fusion, "discard_ratio": discard_ratio},
+                          logits=logits[0].float())
+
+
+def grad_rollout_method(model: nn.Module, x: torch.Tensor, target: int, *, ctx: AttributionContext,
+                        discard_ratio: float = 0.0) -> RawAttribution:
+    """Gradient-weighted, class-specific rollout."""
+    m, _ = gradient_rollout(model, x, target, discard_ratio=discard_ratio)
+    return RawAttribution(m[0].float().cpu(), signed=False, extras={"discard_ratio": discard_ratio})
+
+
+# ----------------------------------------------------------------------------- Captum
+
+
+def integrated_gradients(model: nn.Module, x: torch.Tensor, target: int, *, ctx: AttributionContext,
+                         n_steps: int | None = None, method: str = "gausslegendre",
+                         start_steps: int = 6, max_steps: int = 48, rel_tol: float = 0.01,
+                         internal_batch_size: int = 32) -> RawAttribution:
+    """Integrated Gradients from the black baseline, with an adaptive number of steps.
+
+    With ``n_steps=None`` the step count starts at ``start_steps`` and doubles until the
+    convergence delta (sum of attributions minus ``f(x) - f(baseline)``) is within
+    ``rel_tol`` of ``|f(x)|`` (the target logit) or ``max_steps`` is reached. Gauss-Legendre
+    quadrature converges in far fewer steps than a Riemann sum (6 steps gave |delta| under
+    0.25 % of the logit on every scan measured; see bench/RESULTS-explain.md). Steps run in
+    batches of at most ``internal_batch_size`` to bound memory.
+
+    Extras: ``delta`` (signed), ``relative_delta`` (``|delta| / |f(x)|``), ``n_steps``,
+    ``converged``, ``logit`` and ``baseline_logit``.
+    """
+    ig = IntegratedGradients(_forward(model))
+    baseline = ctx.baseline(x)
+    with torch.no_grad():
+        ends = model(torch.cat([x, baseline]))[:, target].double().cpu()
+    logit, base_logit = float(ends[0]), float(ends[1])
+    tol = rel_tol * max(abs(logit), 1e-6)
+    steps = n_steps or start_steps
+    while True:
+        # The delta is computed here from the end-point logits above (Captum's own
+        # return_convergence_delta would run the same two forward passes again).
+        attr = ig.attribute(x, baselines=baseline, target=target, n_steps=steps, method=method,
+                            internal_batch_size=min(steps, internal_batch_size))
+        d = float(attr.detach().double().sum()) - (logit - base_logit)
+        if n_steps is not None or abs(d) <= tol or steps >= max_steps:
+            break
+        steps = min(steps * 2, max_steps)
+    return RawAttribution(_reduce_channels(attr), signed=True, extras={
+        "delta": d, "relative_delta": abs(d) / max(abs(logit), 1e-12), "n_steps": steps,
+        "method": method, "converged": abs(d) <= tol, "logit": logit, "baseline_logit": base_logit})
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block with the global torch and numpy RNGs seeded, then restore them.
+
+    Captum draws from both: NoiseTunnel's noise from torch, GradientSHAP's baseline choice
+    and path coefficients from numpy.
+    """
+    with _RNG_LOCK, torch.random.fork_rng(devices=[]):
+        np_state = np.random.get_state()
+        try:
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            yield
+        finally:
+            np.random.set_state(np_state)
+
+
+def gradient_shap(model: nn.Module, x: torch.Tensor, target: int, *, ctx: AttributionContext,
+                  n_samples: int = 16, stdev: float = 0.05, seed: int = 0) -> RawAttribution:
+    """GradientSHAP: expected gradients x (input - baseline) over a baseline distribution.
+
+    The distribution is black and a heavily blurred copy of the scan (structure removed,
+    brightness kept), each with Gaussian noise of ``stdev`` times the input range.
+    """
+    baselines = torch.cat([ctx.baseline(x), blur(x, sigma=x.shape[-1] / 8)])
+    with seeded(seed):
+        # No convergence delta: it would cost another forward pass per sample, and for a
+        # sampled expectation it says little about one map.
+        attr = GradientShap(_forward(model)).attribute(
+            x, baselines=baselines, target=target, n_samples=n_samples, stdevs=stdev * ctx.span)
+    return RawAttribution(_reduce_channels(attr), signed=True, extras={"n_samples": n_samples})
+
+
+def smoothgrad(model: nn.Module, x: torch.Tensor, target: int, *, ctx: AttributionContext,
+               n_samples: int = 16, stdev: float = 0.15, seed: int = 0,
+               batch_size: int = 32) -> RawAttribution:
+    """Saliency (|d logit / d x|) averaged over noisy copies (SmoothGrad, via NoiseTunnel).
+
+    ``stdev`` is a fraction of the input range (Smilkov et al. suggest 10-20 %).
+    """
+    nt = NoiseTunnel(Saliency(_forward(model)))
+    with seeded(seed):
+        attr = nt.attribute(x, nt_type="smoothgrad", nt_samples=n_samples,
+                            nt_samples_batch_size=min(n_samples, batch_size),
+                            stdevs=stdev * ctx.span, target=target, abs=True)
+    return RawAttribution(_reduce_channels(attr), signed=False, extras={"n_samples": n_samples})
+
+
+def occlusion(model: nn.Module, x: torch.Tensor, target: int, *, ctx: AttributionContext,
+              window: int | None = None, stride: int | None = None,
+              batch_size: int = 64) -> RawAttribution:
+    """Occlusion: the drop in the target logit when a window is set to black.
+
+    Defaults size the window to a quarter of the input side and slide it by half a window,
+    so a 64-pixel input takes 7 x 7 = 49 occluded forwards.
+    """
+    c, s = x.shape[1], x.shape[-1]
+    window = window or max(2, s // 4)
+    stride = stride or max(1, window // 2)
+    attr = Occlusion(_forward(model)).attribute(
+        x, sliding_window_shapes=(c, window, window), strides=(c, stride, stride),
+        baselines=ctx.baseline_value, target=target, perturbations_per_eval=batch_size)
+    return RawAttribution(_reduce_channels(attr), signed=True, extras={"window": window, "stride": stride})
+
+
+# ----------------------------------------------------------------------------- Grad-CAM
+
+
+def gradcam_layer(model: nn.Module) -> nn.Module:
+    """The layer Grad-CAM reads: the last block's pre-attention LayerNorm.
+
+    The last block's *output* patch tokens never reach a [CLS]-token head (only the [CLS]
+    output does), so their gradient is zero; the tokens entering the last attention are the
+    last place the patch tokens influence the class score.
+    """
+    last = model.blocks[-1]
+    return getattr(last, "norm1", last)
+
+
+@contextlib.contextmanager
+def capture_output(model: nn.Module, layer: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Record ``layer``'s outputs for forward passes on this thread; always unhooks."""
+    owner = threading.get_ident()
+    out: list[torch.Tensor] = []
+
+    def hook(_mod: nn.Module, _inp: Any, output: torch.Tensor) -> None:
+        if threading.get_ident() == owner:
+            out.append(output)
+
+    with model_lock(model):
+        handle = layer.register_forward_hook(hook)
+        try:
+            yield out
+        finally:
+            handle.remove()
+
+
+def gradcam(model: nn.Module, x: torch.Tensor, target: int, *, ctx: AttributionContext) -> RawAttribution:
+    """Grad-CAM on the token grid: ``relu(sum_d mean_hw(dy/dT) * T)`` over patch tokens.
+
+    The raw map is the signed sum before the ReLU; its positive part, which is shown and
+    scored, is Grad-CAM proper.
+    """
+    h, w = grid_shape(model)
+    npt = int(getattr(model, "num_prefix_tokens", 1))
+    with torch.enable_grad(), capture_output(model, gradcam_layer(model)) as outs:
+        logits = model(x)
+        if len(outs) != 1:
+            raise RuntimeError(f"Grad-CAM expected one activation, captured {len(outs)}")
+        act = outs[0]  # (1, N, D)
+        (grad,) = torch.autograd.grad(logits[:, target].sum(), act)
+    tokens = act.detach()[:, npt:].reshape(-1, h, w, act.shape[-1])  # (1, h, w, D)
+    weights = grad[:, npt:].reshape(-1, h, w, act.shape[-1]).mean(dim=(1, 2))  # (1, D)
+    cam = (tokens * weights[:, None, None, :]).sum(-1)  # (1, h, w), ReLU applied for display
+    return RawAttribution(cam[0].float().cpu(), signed=True)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of (B, C, S, S) with reflect padding (separable, kernel 6 sigma)."""
+    radius = max(1, int(round(3 * sigma)))
+    radius = min(radius, x.shape[-1] - 1, x.shape[-2] - 1)
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    y = torch.nn.functional.pad(x, (radius, radius, radius, radius), mode="reflect")
+    y = torch.nn.functional.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    y = torch.nn.functional.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    return y
+
+
+Method = Callable[..., RawAttribution]
+
+METHODS: dict[str, Method] = {
+    "rollout": rollout_method,
+    "grad_rollout": grad_rollout_method,
+    "ig": integrated_gradients,
+    "gradient_shap": gradient_shap,
+    "smoothgrad": smoothgrad,
+    "occlusion": occlusion,
+    "gradcam": gradcam,
+}
+
+
+def compute(model: nn.Module, x: torch.Tensor, method: str, target: int, *,
+            ctx: AttributionContext, **options: Any) -> RawAttribution:
+    """Run one registered method on a (1, C, S, S) input for class ``target``."""
+    try:
+        fn = METHODS[method]
+    except KeyError:
+        raise ValueError(f"unknown explanation method {method!r}; choose from {', '.join(METHODS)}") from None
+    if x.ndim != 4 or x.shape[0] != 1:
+        raise ValueError(f"expected one (1, C, S, S) input, got shape {tuple(x.shape)}")
+    # Gradients are needed even when the caller runs under inference_mode or no_grad.
+    with torch.inference_mode(False), torch.enable_grad():
+        x = x.detach().clone()
+        return fn(model, x, int(target), ctx=ctx, **options)

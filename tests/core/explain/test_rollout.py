@@ -1,0 +1,221 @@
+"""Attention rollout: the pure math against a plain reference, and the capture adapter."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from lungvit.core.explain.rollout import (
+    attention_rollout,
+    augment,
+    capture_attention,
+    discard_lowest,
+    fuse_heads,
+    gradient_rollout,
+    grid_shape,
+    rollout,
+    rollout_matrix,
+)
+
+from .conftest import small_vit
+
+
+def random_attention(b: int, h: int, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(b, h, n, n, generator=g) * 3, dim=-1)
+
+
+def reference_rollout(layers: list[np.ndarray], fusion: str, prefix: int) -> np.ndarray:
+    """Rollout written the slow, obvious way: loops, numpy, one sample."""
+    n = layers[0].shape[-1]
+    joint = np.eye(n)
+    for a in layers:  # a: (H, N, N)
+        fused = {"mean": a.mean(0), "max": a.max(0), "min": a.min(0)}[fusion]
+        aug = fused + np.eye(n)
+        for i in range(n):
+            aug[i] = aug[i] / aug[i].sum()
+        joint = aug @ joint
+    return joint[0, prefix:]
+
+
+@pytest.mark.parametrize("fusion", ["mean", "max", "min"])
+@pytest.mark.parametrize("discard", [0.0, 0.5, 0.95])
+def test_rows_sum_to_one_per_layer_and_in_the_product(fusion: str, discard: float) -> None:
+    layers = [random_attention(2, 4, 17, seed) for seed in range(5)]
+    for att in layers:
+        aug = augment(discard_lowest(fuse_heads(att, fusion), discard))
+        torch.testing.assert_close(aug.sum(-1), torch.ones(2, 17))
+        assert (aug >= 0).all()
+    joint = rollout_matrix(layers, head_fusion=fusion, discard_ratio=discard)
+    torch.testing.assert_close(joint.sum(-1), torch.ones(2, 17))
+    # The [CLS] row, prefix included, is a distribution over input tokens.
+    m = rollout(layers, head_fusion=fusion, discard_ratio=discard, num_prefix_tokens=1, grid=(4, 4))
+    assert m.shape == (2, 4, 4)
+    torch.testing.assert_close(m.sum((1, 2)) + joint[:, 0, 0], torch.ones(2))
+
+
+@pytest.mark.parametrize("fusion", ["mean", "max", "min"])
+@pytest.mark.parametrize("prefix", [1, 2])
+def test_matches_a_plain_reference(fusion: str, prefix: int) -> None:
+    n = 9 + prefix
+    layers = [random_attention(1, 3, n, seed) for seed in range(4)]
+    got = rollout(layers, head_fusion=fusion, num_prefix_tokens=prefix, grid=(3, 3))[0].reshape(-1)
+    want = reference_rollout([a[0].numpy().astype(np.float64) for a in layers], fusion, prefix)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_a_model_without_prefix_tokens_averages_all_rows() -> None:
+    layers = [random_attention(2, 3, 16, seed) for seed in range(3)]
+    got = rollout(layers, num_prefix_tokens=0, grid=(4, 4))
+    want = rollout_matrix(layers).mean(dim=1).reshape(2, 4, 4)
+    torch.testing.assert_close(got, want)
+
+
+def test_uniform_attention_gives_the_closed_form() -> None:
+    n = 17
+    uniform = torch.full((1, 2, n, n), 1.0 / n)
+    m = rollout([uniform], num_prefix_tokens=1, grid=(4, 4))
+    # (U + I) / 2: the [CLS] row puts 1 / (2N) on every patch token.
+    torch.testing.assert_close(m, torch.full((1, 4, 4), 1.0 / (2 * n)))
+
+
+def test_rows_not_columns_are_normalised() -> None:
+    """A matrix whose rows and columns sum differently exposes column normalisation."""
+    a = torch.tensor([[[0.9, 0.1, 0.0], [0.5, 0.5, 0.0], [0.0, 0.2, 0.8]]])
+    aug = augment(a)
+    want = (a + torch.eye(3)) / (a + torch.eye(3)).sum(-1, keepdim=True)
+    torch.testing.assert_close(aug, want)
+
+
+def test_discard_keeps_the_diagonal_and_zeroes_the_lowest() -> None:
+    fused = fuse_heads(random_attention(1, 2, 10, 3))
+    out = discard_lowest(fused, 0.5)
+    off = ~torch.eye(10, dtype=torch.bool)
+    assert int((out[0][off] == 0).sum()) == 50
+    torch.testing.assert_close(out[0].diagonal(), fused[0].diagonal())
+    kept = out[0][off][out[0][off] > 0]
+    dropped = fused[0][off][out[0][off] == 0]
+    assert kept.min() >= dropped.max()
+    with pytest.raises(ValueError):
+        discard_lowest(fused, 1.0)
+
+
+def test_bad_inputs_are_refused() -> None:
+    with pytest.raises(ValueError, match="grid"):
+        rollout([random_attention(1, 2, 17, 0)], grid=(3, 3))
+    with pytest.raises(ValueError, match="head_fusion"):
+        fuse_heads(random_attention(1, 2, 5, 0), "median")
+    with pytest.raises(ValueError):
+        rollout([], grid=(1, 1))
+
+
+def manual_attentions(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Each block's softmax(q k^T / sqrt(d)) recomputed from the weights, independently of hooks."""
+    out = []
+    with torch.no_grad():
+        t = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        for blk in model.blocks:
+            a = blk.attn
+            y = blk.norm1(t)
+            b, n, _ = y.shape
+            qkv = a.qkv(y).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+            q, k = a.q_norm(qkv[0]), a.k_norm(qkv[1])
+            out.append(torch.softmax(q @ k.transpose(-2, -1) * a.scale, dim=-1))
+            t = blk(t)
+    return out
+
+
+@pytest.mark.parametrize("builder", ["timm", "lungvit"])
+def test_capture_records_the_real_attention_and_restores_fused(builder: str, tiny_lungvit) -> None:
+    model = small_vit() if builder == "timm" else tiny_lungvit
+    for blk in model.blocks:
+        blk.attn.fused_attn = True
+    x = torch.randn(2, 1, 32, 32)
+    with capture_attention(model) as cap:
+        assert all(not blk.attn.fused_attn for blk in model.blocks)
+        with torch.no_grad():
+            model(x)
+    assert all(blk.attn.fused_attn for blk in model.blocks)
+    want = manual_attentions(model, x)
+    assert len(cap.attentions) == len(want)
+    for got, exp in zip(cap.attentions, want):
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-6)
+
+
+def test_capture_restores_an_unfused_setting_too() -> None:
+    model = small_vit()
+    model.blocks[1].attn.fused_attn = False
+    with capture_attention(model):
+        pass
+    assert [b.attn.fused_attn for b in model.blocks] == [True, False, True]
+
+
+def test_hooks_removed_and_flag_restored_when_the_forward_raises() -> None:
+    model = small_vit()
+
+    class Boom(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("boom")
+
+    model.head = Boom()
+    with pytest.raises(RuntimeError, match="boom"), capture_attention(model):
+        model(torch.randn(1, 1, 32, 32))
+    assert all(blk.attn.fused_attn for blk in model.blocks)
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_capture_ignores_other_threads() -> None:
+    model = small_vit()
+    x = torch.randn(1, 1, 32, 32)
+    with capture_attention(model) as cap:
+        t = threading.Thread(target=lambda: model(torch.randn(3, 1, 32, 32)))
+        t.start()
+        t.join()
+        assert cap.attentions == []
+        with torch.no_grad():
+            model(x)
+    assert len(cap.attentions) == len(model.blocks)
+    assert all(a.shape[0] == 1 for a in cap.attentions)
+
+
+def test_attention_rollout_on_a_model(tiny_lungvit) -> None:
+    model = tiny_lungvit
+    assert grid_shape(model) == (8, 8)
+    x = torch.randn(1, 1, 32, 32)
+    m, logits = attention_rollout(model, x)
+    assert m.shape == (1, 8, 8) and torch.isfinite(m).all() and (m > 0).all()
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(x), rtol=1e-4, atol=1e-5)
+    want = reference_rollout([a[0].double().numpy() for a in manual_attentions(model, x)], "mean", 1)
+    np.testing.assert_allclose(m.reshape(-1).numpy(), want, rtol=1e-4, atol=1e-7)
+
+
+def test_gradient_rollout_matches_an_independent_computation(tiny_lungvit) -> None:
+    model = tiny_lungvit
+    x = torch.randn(1, 1, 32, 32)
+    target = 3
+    got, _ = gradient_rollout(model, x, target)
+
+    # Independent: retain_grad on each block's attention via a patched attn_drop.
+    kept: list[torch.Tensor] = []
+
+    class Keep(torch.nn.Module):
+        def forward(self, a: torch.Tensor) -> torch.Tensor:
+            a.retain_grad()
+            kept.append(a)
+            return a
+
+    clone = __import__("copy").deepcopy(model)
+    for blk in clone.blocks:
+        blk.attn.fused_attn = False
+        blk.attn.attn_drop = Keep()
+    clone(x)[0, target].backward()
+    weighted = [(a * a.grad.clamp(min=0)).mean(1, keepdim=True).detach() for a in kept]
+    want = rollout(weighted, num_prefix_tokens=1, grid=(8, 8))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    assert all(p.grad is None for p in model.parameters()), "explaining wrote .grad on the served model"
+    # Class-specific: another class gives another map.
+    other, _ = gradient_rollout(model, x, 5)
+    assert not torch.allclose(other, got)
