@@ -265,7 +265,20 @@ def read_checkpoint_info(path: str | os.PathLike[str]) -> CheckpointInfo:
     return _read_header(path.name, data)
 
 
+def _looks_like_safetensors(data: bytes) -> bool:
+    """True when ``data`` has safetensors framing: a little-endian u64 header length that
+    fits the file, then a JSON object."""
+    if len(data) < 10:
+        return False
+    n = int.from_bytes(data[:8], "little")
+    return 2 <= n <= len(data) - 8 and data[8:9] == b"{"
+
+
 def _is_torch_file(path: Path, data: bytes) -> bool:
+    # Safetensors framing is checked first: its header length can start with the byte 0x80
+    # that also opens a raw pickle stream (about 1 file in 32).
+    if _looks_like_safetensors(data):
+        return False
     return data.startswith(_TORCH_MAGIC) or path.suffix.lower() in (".pth", ".pt")
 
 

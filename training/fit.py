@@ -274,24 +274,6 @@ def _format_notes(cfg: TrainConfig, test: dict[str, Any]) -> str:
     return " ".join(x for x in (cfg.notes or "", measured) if x)
 
 
-def _save_loadable(out: Path, model: nn.Module, info: CheckpointInfo) -> Path:
-    """``save_checkpoint``, re-written with padded notes if the file would start with 0x80.
-
-    Workaround: core's loader takes a file starting with byte 0x80 for a pickle stream, and a
-    safetensors header of 0x..80 bytes (1 in 32 lengths, being 8-aligned) starts with it.
-    A longer note moves the header length off that value. Remove once the loader checks
-    the safetensors framing first.
-    """
-    path = save_checkpoint(out, model, info)
-    for _ in range(16):
-        with open(path, "rb") as fh:
-            if fh.read(1) != b"\x80":
-                break
-        info = replace(info, notes=info.notes + " ")
-        path = save_checkpoint(out, model, info)
-    return path
-
-
 # ------------------------------------------------------------------------------- the run
 def fit(cfg: TrainConfig, *, datamodule: ScanDataModule | None = None,
         callbacks: Iterable[Callback] = (), progress: bool = True, strategy: Any = None,
@@ -430,7 +412,7 @@ def fit(cfg: TrainConfig, *, datamodule: ScanDataModule | None = None,
                           intended_use=cfg.intended_use or DEFAULT_INTENDED_USE)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint = _save_loadable(out, model, info)
+    checkpoint = save_checkpoint(out, model, info)
     report = {"checkpoint": str(checkpoint), "temperature": temperature, "wall_time_s": wall,
               "val": val_report, "test": test_cal, "test_uncalibrated": test_raw,
               "training": training, "data": dm.summary(), "head_mapping": head_mapping,

@@ -214,3 +214,21 @@ def test_model_card(tiny) -> None:
         "val": {"acc": 0.75}, "test": {"acc": 0.5, "per_class": {"lung-covid": {"f1": None}}}}))
     assert "- val: acc 0.75" in nested and "Per class (test):" in nested
     assert "| lung-covid | n/a |" in nested
+
+
+def test_a_header_length_starting_with_pickle_byte_still_loads(tmp_path: Path) -> None:
+    """A safetensors header of 0x..80 bytes makes the file start with pickle's 0x80 byte."""
+    torch.manual_seed(0)
+    model = create_model("lungvit_tiny", num_classes=2, img_size=32)
+    for k in range(300):  # the header grows 8 bytes at a time: 32 steps span 256
+        info = CheckpointInfo(labels=("a", "b"), notes="x" * k)
+        path = save_checkpoint(tmp_path / "m.safetensors", model, info)
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    else:
+        pytest.fail("no note length gave a 0x..80 header")
+    loaded, info2 = load_checkpoint(path)
+    assert info2.notes == "x" * k
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
