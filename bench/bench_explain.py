@@ -241,7 +241,8 @@ def quality(n_per_class: int) -> str:
     from lungvit.core.explain import lesion_share, randomization_check
 
     trained = train_phantom_model()
-    phantoms = [p for lab in LESION_CLASSES for p in trained.test_phantoms if p.label == lab][:n_per_class * 2]
+    phantoms = [p for lab in LESION_CLASSES
+                for p in [q for q in trained.test_phantoms if q.label == lab][:n_per_class]]
     share: dict[str, list[float]] = {m: [] for m in METHODS}
     faith: dict[str, list[tuple[float, ...]]] = {m: [] for m in METHODS}
     ig_delta, rnd_share = [], []
