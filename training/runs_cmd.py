@@ -12,6 +12,8 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
+from lungvit.core.commands import positive_int
+
 EXIT_OK = 0
 EVENTS_SHOWN = 15
 
@@ -31,7 +33,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     """
     g = parser.add_argument_group(
         "training on Ray (a job tracked in the store; `lungvit runs` to follow it)")
-    g.add_argument("--workers", type=_positive_int, metavar="N",
+    g.add_argument("--workers", type=positive_int, metavar="N",
                    help="data-parallel Ray Train workers (turns on training on Ray)")
     g.add_argument("--gpu", action="store_true", default=None,
                    help="give each Ray worker a GPU")
@@ -80,13 +82,6 @@ def take_job_options(args: argparse.Namespace) -> argparse.Namespace | None:
     return opts
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
-    return value
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``runs`` sub-command and its actions."""
     p = sub.add_parser(
@@ -104,7 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--status", nargs="+", metavar="STATUS",
                    choices=("queued", "running", "succeeded", "failed", "cancelled",
                             "interrupted"), help="only jobs in these states")
-    a.add_argument("--limit", type=_positive_int, default=50, metavar="N",
+    a.add_argument("--limit", type=positive_int, default=50, metavar="N",
                    help="at most N jobs (default 50)")
     a.set_defaults(func=cmd_list)
 

@@ -6,6 +6,8 @@ import csv
 import sys
 from pathlib import Path
 
+from lungvit.core.commands import positive_int
+
 EXIT_OK = 0
 
 
@@ -25,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "file with its label and patient. The images are synthetic: for trying LungViT out "
         "and for tests, never for clinical use.")
     p.add_argument("directory", metavar="DIR", type=Path, help="output folder (created)")
-    p.add_argument("--per-class", type=_positive_int, default=20, metavar="N",
+    p.add_argument("--per-class", type=positive_int, default=20, metavar="N",
                    help="images per class (default 20)")
     p.add_argument("--dicom", action="store_true", help="write DICOM files instead of PNGs")
     p.add_argument("--size", type=_size, default=256, metavar="PX",
@@ -38,13 +40,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="write into DIR even if it is not empty")
     p.set_defaults(func=run)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
-    return value
 
 
 def _size(text: str) -> int:

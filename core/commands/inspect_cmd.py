@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lungvit.core.commands import positive_int
+
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
 
@@ -27,20 +29,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="print a JSON list with one object per file instead of text")
     p.add_argument("--save", metavar="DIR", type=Path,
                    help="write NAME.full.png and NAME.model<SIZE>.png (8-bit grayscale) here")
-    p.add_argument("--input-size", type=_positive_int, default=64, metavar="PX",
+    p.add_argument("--input-size", type=positive_int, default=64, metavar="PX",
                    help="side of the model input in pixels (default 64, the reference model)")
     p.add_argument("--frame", type=int, metavar="N",
                    help="frame of a multi-frame DICOM to read, from 0 (default: the middle one)")
     p.add_argument("--show-phi", action="store_true",
                    help="also show patient-identifying DICOM attributes (off by default)")
     p.set_defaults(func=run)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:
