@@ -195,10 +195,11 @@ def explain_scan(ctx: AppContext, files: Sequence[Any] | None, selected: str | N
         if target not in predictor.labels:
             raise gr.Error(f"The model has no class {html.escape(target)}")
         target_index = predictor.labels.index(target)
-    with predictor.lock:  # explanations switch the shared model's attention mode briefly
-        result = explain(predictor.model, scan.pixels, preprocess=predictor.preprocess,
-                         methods=chosen, target=target_index, opacity=float(opacity),
-                         temperature=predictor.temperature)
+    # No predictor lock: explain() serialises its own captures per model and its hooks
+    # record only its own thread, so predictions keep flowing during a long explanation.
+    result = explain(predictor.model, scan.pixels, preprocess=predictor.preprocess,
+                     methods=chosen, target=target_index, opacity=float(opacity),
+                     temperature=predictor.temperature)
     pred = predictor.predict(scan)
     label = predictor.labels[result.target]
     out_dir = ctx.scratch("explanations")

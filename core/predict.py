@@ -135,8 +135,8 @@ class Predictor:
         self.thresholds = thresholds
         ood = info.metrics.get("ood", {}) if isinstance(info.metrics, dict) else {}
         self.energy_threshold: float | None = ood.get("energy_threshold")
-        # Explanations briefly change the shared model (attention mode, hooks); they and
-        # predictions take this lock so each sees the model it expects.
+        # Forward passes run one at a time: parallel ones would only compete for the same
+        # cores (or GPU). Explanations do not need it (they serialise their own captures).
         self.lock = threading.RLock()
 
     @classmethod
