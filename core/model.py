@@ -27,6 +27,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from lungvit.core.configs import unknown_keys
 from lungvit.core.errors import CheckpointError
 
 __all__ = [
@@ -128,8 +129,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Rebuild a config; unknown keys are an error (they would be silently ignored)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = unknown_keys(cls, data)
         if unknown:
             raise ValueError(f"unknown model configuration keys: {', '.join(unknown)}")
         return cls(**data)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from lungvit.core.configs import unknown_keys
 from lungvit.core.errors import LungViTError
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "64-true")
@@ -183,8 +184,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Rebuild a config; unknown keys are an error rather than silently ignored."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = unknown_keys(cls, data)
         if unknown:
             raise TrainConfigError(f"unknown training configuration keys: {', '.join(unknown)}")
         return cls(**data)

@@ -29,7 +29,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
@@ -37,6 +37,7 @@ from sqlalchemy.engine import make_url
 
 from lungvit.core.errors import LungViTError
 from lungvit.training.config import TrainConfig
+from lungvit.core.configs import unknown_keys
 from lungvit.training.store import JobStatus, Store, default_data_dir, default_db_url, open_store
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class JobRequest:
         problems = []
         if not self.train.get("data"):
             problems.append("train.data (the folder of class folders) is required")
-        unknown = sorted(set(self.train) - {f.name for f in fields(TrainConfig)})
+        unknown = unknown_keys(TrainConfig, self.train)
         if unknown:
             problems.append(f"unknown training settings: {', '.join(unknown)}")
         if self.workers < 1:
@@ -119,8 +120,7 @@ class JobRequest:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> JobRequest:
         """Rebuild a request; unknown keys are an error rather than silently ignored."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = unknown_keys(cls, data)
         if unknown:
             raise JobError(f"unknown job request keys: {', '.join(unknown)}")
         return cls(**data)
