@@ -18,19 +18,17 @@ import numpy as np
 
 from lungvit.app.state import AppContext
 from lungvit.app.uploads import display_name, expand_uploads
+from lungvit.app.windows import load_windowed, numbers_of, presets_for
 from lungvit.core.errors import LungViTError
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
-# (center, width) of the usual display windows; "File default" uses the file's own.
-WINDOW_PRESETS: dict[str, tuple[float, float] | None] = {
-    "File default": None, "Lung": (-600.0, 1500.0), "Mediastinum": (40.0, 400.0),
-    "Bone": (400.0, 1800.0), "Custom": None}
 METHOD_LABELS = {"Attention rollout": "rollout", "Gradient rollout": "grad_rollout",
                  "Integrated Gradients": "ig", "Gradient SHAP": "gradient_shap",
                  "SmoothGrad": "smoothgrad", "Occlusion": "occlusion", "Grad-CAM": "gradcam"}
+METHOD_NAMES = {key: name for name, key in METHOD_LABELS.items()}
 PREDICTED = "Predicted class"
 TABLE_HEADERS = ["file", "prediction", "confidence", "uncertain", "out of scope", "notes"]
 
@@ -52,16 +50,6 @@ def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
                            print_exception=False) from None
 
     return wrapper
-
-
-def window_of(preset: str, center: float | None, width: float | None
-              ) -> tuple[float, float] | None:
-    """The (center, width) a preset (or Custom with its numbers) asks for."""
-    if preset == "Custom":
-        if center is None or width is None or width < 1:
-            raise gr.Error("Custom window: give a level and a width of at least 1")
-        return float(center), float(width)
-    return WINDOW_PRESETS.get(preset)
 
 
 def _files(ctx: AppContext, files: Sequence[Any] | None) -> list[Path]:
@@ -115,20 +103,24 @@ def _metadata(scan: Any, show_phi: bool) -> dict[str, Any]:
 @user_errors
 def show_scan(ctx: AppContext, files: Sequence[Any] | None, selected: str | None,
               preset: str, center: float | None, width: float | None, show_phi: bool
-              ) -> tuple[np.ndarray, np.ndarray, dict[str, float], str, dict[str, Any]]:
+              ) -> tuple[np.ndarray, np.ndarray, dict[str, float], str, dict[str, Any],
+                         dict[str, Any], float | None, float | None]:
     """Read one scan with the chosen window and predict it.
 
     Returns:
-        (what the model saw, the model's input, probabilities, flags Markdown, metadata).
+        (what the model saw, the model's input, probabilities, flags Markdown, metadata,
+        the window presets that suit the scan's modality (choices and the one used), and
+        the level and width it was shown with).
     """
-    from lungvit.core.ingest import load_scan
-
     predictor = ctx.holder.require()
     path = _pick(ctx, _files(ctx, files), selected)
-    scan = load_scan(path, window=window_of(preset, center, width), include_phi=bool(show_phi))
+    shown = load_windowed(path, preset, center, width, include_phi=bool(show_phi))
+    scan = shown.scan
     pred = predictor.predict(scan)
+    level, span = numbers_of(scan.meta)
     return (to_uint8(scan.pixels), _model_input_image(predictor, scan), pred.probabilities,
-            _flags(pred, scan.meta.warnings), _metadata(scan, bool(show_phi)))
+            _flags(pred, shown.notes + scan.meta.warnings), _metadata(scan, bool(show_phi)),
+            gr.update(choices=presets_for(scan.meta), value=shown.preset), level, span)
 
 
 @user_errors
@@ -141,21 +133,21 @@ def predict_batch(ctx: AppContext, files: Sequence[Any] | None, preset: str,
         (table rows, CSV file path, a dropdown update listing the scans).
     """
     from lungvit.core.errors import ScanReadError
-    from lungvit.core.ingest import load_scan
 
     predictor = ctx.holder.require()
     paths = _files(ctx, files)
-    window = window_of(preset, center, width)
     rows: list[list[Any]] = []
     names = [display_name(p, ctx.unpack_dir()) for p in paths]
     for name, path in zip(names, paths):
         try:
-            scan = load_scan(path, window=window)
+            shown = load_windowed(path, preset, center, width)
         except ScanReadError as exc:
             rows.append([name, "", None, "", "", f"not read: {exc}"])
             continue
+        scan = shown.scan
         pred = predictor.predict(scan)
-        notes = "; ".join(pred.ood_reasons + pred.uncertain_reasons + scan.meta.warnings)
+        notes = "; ".join(pred.ood_reasons + pred.uncertain_reasons + shown.notes
+                          + scan.meta.warnings)
         rows.append([name, pred.label, round(pred.confidence, 4), "yes" if pred.uncertain else "",
                      "yes" if pred.out_of_distribution else "", notes])
     out = ctx.scratch("tables") / "lungvit-predictions.csv"
@@ -170,18 +162,17 @@ def predict_batch(ctx: AppContext, files: Sequence[Any] | None, preset: str,
 def explain_scan(ctx: AppContext, files: Sequence[Any] | None, selected: str | None,
                  preset: str, center: float | None, width: float | None,
                  methods: Sequence[str] | None, target: str | None, opacity: float
-                 ) -> tuple[list[tuple[np.ndarray, str]], list[list[Any]], list[str]]:
+                 ) -> tuple[list[tuple[str, str]], list[list[Any]], list[str]]:
     """Explain one scan with the chosen methods, for the predicted or a chosen class.
 
     Returns:
-        (gallery of (overlay, caption), faithfulness rows, downloadable files: one PNG per
-        method and the scan's HTML report).
+        (gallery of (overlay PNG, caption with its faithfulness), faithfulness rows,
+        downloadable files: one PNG per method and the scan's HTML report).
     """
     from PIL import Image
 
     from lungvit.app.report import build_report
     from lungvit.core.explain import explain
-    from lungvit.core.ingest import load_scan
 
     chosen = [METHOD_LABELS.get(m, m) for m in methods or []]
     if not chosen:
@@ -189,7 +180,7 @@ def explain_scan(ctx: AppContext, files: Sequence[Any] | None, selected: str | N
     predictor = ctx.holder.require()
     path = _pick(ctx, _files(ctx, files), selected)
     name = display_name(path, ctx.unpack_dir())
-    scan = load_scan(path, window=window_of(preset, center, width))
+    scan = load_windowed(path, preset, center, width).scan
     target_index = None
     if target and target != PREDICTED:
         if target not in predictor.labels:
@@ -206,16 +197,17 @@ def explain_scan(ctx: AppContext, files: Sequence[Any] | None, selected: str | N
     gallery, rows, downloads, parts = [], [], [], []
     for e in result:
         f = e.faithfulness
-        caption = (f"{e.method} -> {label}: deletion {f.get('deletion_auc', float('nan')):.3f} "
-                   f"(random {f.get('random_deletion_auc', float('nan')):.3f}), insertion "
-                   f"{f.get('insertion_auc', float('nan')):.3f} "
-                   f"(random {f.get('random_insertion_auc', float('nan')):.3f})")
-        gallery.append((e.overlay, caption))
+        caption = (f"{METHOD_NAMES.get(e.method, e.method)} for {label}: deletion AUC "
+                   f"{f.get('deletion_auc', float('nan')):.3f} (random "
+                   f"{f.get('random_deletion_auc', float('nan')):.3f}, lower is better), "
+                   f"insertion AUC {f.get('insertion_auc', float('nan')):.3f} (random "
+                   f"{f.get('random_insertion_auc', float('nan')):.3f}, higher is better)")
+        png = out_dir / f"{Path(name).stem}-{e.method}.png"
+        Image.fromarray(e.overlay).save(png)
+        gallery.append((str(png), caption))  # the file's name is the download's name
         rows.append([e.method, label, *(round(f.get(k, float("nan")), 4) for k in (
             "deletion_auc", "random_deletion_auc", "insertion_auc", "random_insertion_auc")),
             round(e.seconds, 2)])
-        png = out_dir / f"{Path(name).stem}-{e.method}.png"
-        Image.fromarray(e.overlay).save(png)
         downloads.append(str(png))
         parts.append({"method": e.method, "overlay": e.overlay, "faithfulness": f})
     report = out_dir / f"{Path(name).stem}-report.html"

@@ -19,6 +19,11 @@ CSS = """
 #banner {padding: 0.5em 1em; border-radius: 6px; background: var(--block-background-fill);
          border-left: 5px solid #d97706; margin-bottom: 0.3em}
 #prediction h3 {margin: 0.2em 0}
+#scan-viewer img, #model-input img, .overlay img {width: 100%; height: 100%;
+                                                   object-fit: contain}
+#model-input img {image-rendering: pixelated}
+.overlay {max-width: 560px}
+.overlay-caption {font-size: var(--text-sm); padding: 0 0.4em}
 """
 
 

@@ -2,24 +2,46 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import gradio as gr
 
 from lungvit.app import handlers as h
+from lungvit.app import windows as w
 from lungvit.app.state import AppContext
 
 MODEL = "model"  # concurrency group of every event that runs the network
-
-
-def preset_values(preset: str) -> tuple[float | None, float | None]:
-    """The level and width a preset stands for (blank for the file's own window)."""
-    window = h.WINDOW_PRESETS.get(preset)
-    return (window[0], window[1]) if window else (None, None)
+SLOTS = len(h.METHOD_LABELS)  # one overlay panel per method the user can pick
 
 
 def to_custom() -> str:
     """Editing the level or width switches the preset to Custom."""
-    return "Custom"
+    return w.CUSTOM
+
+
+def fan_out(gallery: list[Any] | None) -> list[Any]:
+    """Spread the explain API's (overlay, caption) list over the fixed overlay panels.
+
+    Each panel is a whole image (a gallery crops a lone one and truncates its caption)
+    with its method and faithfulness numbers as the label and its own download button.
+
+    Returns:
+        One update per panel (shown or hidden), then one per image, then one per caption.
+    """
+    items = list(gallery or [])[:SLOTS]
+    shown, images, captions = [], [], []
+    for i in range(SLOTS):
+        if i < len(items):
+            image, caption = items[i]
+            method, _, numbers = (caption or "").partition(": ")
+            shown.append(gr.update(visible=True))
+            images.append(gr.update(value=image, label=method))
+            captions.append(gr.update(value=numbers or method))
+        else:
+            shown.append(gr.update(visible=False))
+            images.append(gr.update(value=None))
+            captions.append(gr.update(value=""))
+    return [*shown, *images, *captions]
 
 
 def build_predict_tab(ctx: AppContext, model_limit: int) -> gr.Dropdown:
@@ -34,11 +56,17 @@ def build_predict_tab(ctx: AppContext, model_limit: int) -> gr.Dropdown:
             selected = gr.Dropdown(label="Scan shown", choices=[], allow_custom_value=True,
                                    interactive=True)
             with gr.Group():
-                preset = gr.Radio(list(h.WINDOW_PRESETS), value="File default",
-                                  label="Display window (DICOM)")
+                # Every preset is accepted; after a scan is read only those that suit its
+                # modality are offered (Hounsfield presets for CT only).
+                preset = gr.Radio([w.FILE, *w.CT_PRESETS, w.AUTO, w.FULL, w.CUSTOM],
+                                  value=w.FILE, label="Display window",
+                                  info="Re-reads the scan: the model sees what is shown",
+                                  elem_id="window-preset")
                 with gr.Row():
-                    center = gr.Number(label="Level (center)", precision=1, min_width=100)
-                    width = gr.Number(label="Width", precision=1, min_width=100)
+                    center = gr.Number(label="Level (center)", precision=1, min_width=100,
+                                       info="Enter to apply")
+                    width = gr.Number(label="Width", precision=1, min_width=100,
+                                      info="Enter to apply")
             show_phi = gr.Checkbox(False, label="Show patient identifiers (PHI)")
         with gr.Column(scale=2):
             with gr.Row():
@@ -46,8 +74,8 @@ def build_predict_tab(ctx: AppContext, model_limit: int) -> gr.Dropdown:
                                   format="png", interactive=False, height=340,
                                   elem_id="scan-viewer")
                 model_input = gr.Image(label="Model input", type="numpy", format="png",
-                                       interactive=False, height=180, min_width=190,
-                                       scale=0)
+                                       interactive=False, height=220, min_width=220,
+                                       scale=0, elem_id="model-input")
             flags = gr.Markdown("Upload a scan to see the model's answer.", elem_id="prediction")
             probs = gr.Label(label="Calibrated probabilities", num_top_classes=9,
                              elem_id="probabilities")
@@ -68,9 +96,17 @@ def build_predict_tab(ctx: AppContext, model_limit: int) -> gr.Dropdown:
                                  allow_custom_value=True)
             opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
             explain = gr.Button("Explain", variant="primary", elem_id="explain-button")
-    gallery = gr.Gallery(label="Explanations (each with its faithfulness scores)", columns=4,
-                         height=300, object_fit="contain", allow_preview=False,
-                         elem_id="explanations")
+    # The API returns the overlays as one list (this hidden gallery); the page shows each
+    # in its own panel, whole, with its numbers.
+    gallery = gr.Gallery(visible="hidden", format="png", label="Explanations")
+    panels, images, captions = [], [], []
+    with gr.Row(elem_id="explanations"):
+        for _ in range(SLOTS):
+            with gr.Column(visible=False, min_width=300, elem_classes=["overlay"]) as panel:
+                panels.append(panel)
+                images.append(gr.Image(type="filepath", interactive=False, height=360,
+                                       buttons=["download", "fullscreen"]))
+                captions.append(gr.Markdown(elem_classes=["overlay-caption"]))
     faith = gr.Dataframe(headers=h.FAITH_HEADERS, interactive=False,
                          label="Faithfulness: lower deletion / higher insertion AUC than the "
                                "random map's means the map follows the model's evidence")
@@ -78,7 +114,7 @@ def build_predict_tab(ctx: AppContext, model_limit: int) -> gr.Dropdown:
                         interactive=False)
 
     window_inputs = [preset, center, width]
-    view_outputs = [viewer, model_input, probs, flags, meta]
+    view_outputs = [viewer, model_input, probs, flags, meta, preset, center, width]
     view = partial(h.show_scan, ctx)
     common = {"concurrency_limit": model_limit, "concurrency_id": MODEL}
     for trigger, name in ((run.click, "predict"), (files.upload, "upload")):
@@ -90,14 +126,15 @@ def build_predict_tab(ctx: AppContext, model_limit: int) -> gr.Dropdown:
                    api_name="show_scan", **common)
     show_phi.input(view, [files, selected, *window_inputs, show_phi], view_outputs,
                    api_name="show_scan_phi", **common)
-    preset.input(preset_values, preset, [center, width], api_name="window_preset",
-                 queue=False).then(view, [files, selected, *window_inputs, show_phi],
-                                   view_outputs, api_name="show_scan_window", **common)
+    preset.input(view, [files, selected, *window_inputs, show_phi], view_outputs,
+                 api_name="show_scan_window", **common)
     for box, name in ((center, "level"), (width, "width")):
         box.submit(to_custom, None, preset, api_name=f"window_{name}", queue=False).then(
             view, [files, selected, *window_inputs, show_phi], view_outputs,
             api_name=f"show_scan_{name}", **common)
     explain.click(partial(h.explain_scan, ctx),
                   [files, selected, *window_inputs, methods, target, opacity],
-                  [gallery, faith, downloads], api_name="explain", **common)
+                  [gallery, faith, downloads], api_name="explain", **common
+                  ).then(fan_out, gallery, [*panels, *images, *captions], queue=False,
+                         api_visibility="private")
     return target

@@ -13,6 +13,8 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
+from lungvit.app import windows  # noqa: E402
+
 from .conftest import PHI_NAME  # noqa: E402
 
 
@@ -21,7 +23,7 @@ def client(running_app: tuple[str, object]) -> Client:
     return Client(running_app[0], verbose=False)
 
 
-def _view(client: Client, files: list[Path], preset: str = "File default",
+def _view(client: Client, files: list[Path], preset: str = windows.FILE,
           center: float | None = None, width: float | None = None, phi: bool = False) -> tuple:
     return client.predict([handle_file(str(f)) for f in files], None, preset, center, width,
                           phi, api_name="/predict")
@@ -38,7 +40,7 @@ def test_api_lists_named_endpoints(client: Client) -> None:
 
 def test_predict_dicom_hides_phi_by_default(client: Client, scans: dict[str, Path],
                                             running_app: tuple[str, object]) -> None:
-    image, model_input, probs, flags, meta = _view(client, [scans["dicom"]])
+    image, model_input, probs, flags, meta, *_ = _view(client, [scans["dicom"]])
     shown = np.asarray(Image.open(image))
     assert shown.shape[:2] == (96, 80)
     assert np.asarray(Image.open(model_input)).shape[:2] == (64, 64)
@@ -50,19 +52,35 @@ def test_predict_dicom_hides_phi_by_default(client: Client, scans: dict[str, Pat
     assert probs["label"] in flags
     assert meta["source_format"] == "dicom" and meta["modality"] == "DX"
     assert "phi" not in meta and PHI_NAME not in str(meta)
-    *_, meta_phi = _view(client, [scans["dicom"]], phi=True)
+    meta_phi = _view(client, [scans["dicom"]], phi=True)[4]
     assert meta_phi["phi"]["PatientName"] == PHI_NAME
 
 
-def test_window_presets_rerun_the_pipeline(client: Client, scans: dict[str, Path]) -> None:
-    default = np.asarray(Image.open(_view(client, [scans["dicom"]])[0]), dtype=np.int16)
-    narrow = _view(client, [scans["dicom"]], "Custom", 2500, 200)
+def test_window_presets_rerun_the_pipeline(client: Client, scans: dict[str, Path],
+                                           running_app: tuple[str, object]) -> None:
+    first = _view(client, [scans["dicom"]])
+    default = np.asarray(Image.open(first[0]), dtype=np.int16)
+    presets, center, width = first[5:]
+    assert presets["value"] == windows.FILE and (center, width) == (1400.0, 2800.0)  # its VOI
+    offered = [c[0] for c in presets["choices"]]
+    assert windows.AUTO in offered and not set(windows.CT_PRESETS) & set(offered)  # X-ray
+    narrow = _view(client, [scans["dicom"]], windows.CUSTOM, 2500, 200)
     img = np.asarray(Image.open(narrow[0]), dtype=np.int16)
     assert narrow[4]["window"]["kind"] == "window"
     assert narrow[4]["window"]["center"] == pytest.approx(2500)
     assert np.abs(img - default).mean() > 5  # a narrow window changes what the model sees
+    auto = _view(client, [scans["dicom"]], windows.AUTO)
+    assert auto[5]["value"] == windows.AUTO and auto[4]["window"]["source"] == "override"
+    assert auto[7] < 2800.0  # the percentile window is narrower than the file's
+    # An X-ray is never shown through a Hounsfield preset: once a session has seen it, the
+    # preset is no longer offered; a fresh session asking for one gets the file's window.
+    with pytest.raises(AppError, match="not in the list of choices"):
+        _view(client, [scans["dicom"]], "CT lung")
+    ct_on_dx = _view(Client(running_app[0], verbose=False), [scans["dicom"]], "CT lung")
+    assert ct_on_dx[5]["value"] == windows.FILE and "Hounsfield" in ct_on_dx[3]
+    assert np.array_equal(np.asarray(Image.open(ct_on_dx[0]), dtype=np.int16), default)
     with pytest.raises(AppError, match="width of at least 1"):
-        _view(client, [scans["dicom"]], "Custom", None, None)
+        _view(client, [scans["dicom"]], windows.CUSTOM, None, None)
 
 
 def test_batch_table_and_csv(client: Client, scans: dict[str, Path], tmp_path: Path) -> None:
@@ -72,7 +90,7 @@ def test_batch_table_and_csv(client: Client, scans: dict[str, Path], tmp_path: P
         zf.write(scans["dicom"], "study/chest.dcm")
         zf.writestr("../../evil.png", b"x")
     table, csv_path, selector = client.predict(
-        [handle_file(str(archive)), handle_file(str(scans["text"]))], "File default", None,
+        [handle_file(str(archive)), handle_file(str(scans["text"]))], windows.FILE, None,
         None, api_name="/predict_batch")
     rows = {r[0]: r for r in table["data"]}
     assert set(rows) == {"study/chest.dcm", "study/retina.png", "notes.dcm"}
@@ -95,12 +113,13 @@ def test_unreadable_file_gives_a_readable_error(client: Client, scans: dict[str,
 def test_explain_returns_overlays_faithfulness_and_report(client: Client,
                                                           scans: dict[str, Path]) -> None:
     gallery, faith, downloads = client.predict(
-        [handle_file(str(scans["dicom"]))], None, "File default", None, None,
+        [handle_file(str(scans["dicom"]))], None, windows.FILE, None, None,
         ["Attention rollout", "Grad-CAM"], "lung-normal", 0.6, api_name="/explain")
     assert len(gallery) == 2
     overlay = np.asarray(Image.open(gallery[0]["image"]).convert("RGB"))
     assert overlay.shape[:2] == (96, 80)
     assert "deletion" in gallery[0]["caption"] and "lung-normal" in gallery[0]["caption"]
+    assert Path(gallery[0]["image"]).name == "chest-rollout.png"  # what a download is named
     rows = faith["data"]
     assert [r[0] for r in rows] == ["rollout", "gradcam"]
     assert all(r[1] == "lung-normal" and 0 <= r[2] <= 1 and 0 <= r[4] <= 1 for r in rows)
@@ -110,8 +129,22 @@ def test_explain_returns_overlays_faithfulness_and_report(client: Client,
     assert "data:image/png;base64," in report and "tiny.safetensors" in report
     assert PHI_NAME not in report and "SENTINEL-42" not in report
     with pytest.raises(AppError, match="at least one"):
-        client.predict([handle_file(str(scans["dicom"]))], None, "File default", None, None,
+        client.predict([handle_file(str(scans["dicom"]))], None, windows.FILE, None, None,
                        [], "Predicted class", 0.5, api_name="/explain")
+
+
+def test_overlay_panels_show_each_map_with_its_numbers() -> None:
+    from lungvit.app.ui_predict import SLOTS, fan_out
+
+    caption = "Grad-CAM for lung-normal: deletion AUC 0.100 (random 0.200, lower is better)"
+    updates = fan_out([("a.png", "Attention rollout for lung-normal: deletion AUC 0.300"),
+                       ("b.png", caption)])
+    shown, images, captions = updates[:SLOTS], updates[SLOTS:2 * SLOTS], updates[2 * SLOTS:]
+    assert [u["visible"] for u in shown] == [True, True] + [False] * (SLOTS - 2)
+    assert images[1]["value"] == "b.png" and images[1]["label"] == "Grad-CAM for lung-normal"
+    assert captions[1]["value"] == "deletion AUC 0.100 (random 0.200, lower is better)"
+    assert all(u["value"] is None for u in images[2:])
+    assert len(fan_out(None)) == 3 * SLOTS
 
 
 def test_model_summary_and_loading(client: Client, tiny_checkpoint: Path,
