@@ -12,7 +12,8 @@ file in the user's data directory (``$LUNGVIT_HOME``, else ``$XDG_DATA_HOME/lung
 from __future__ import annotations
 
 from .engine import LATEST_VERSION, migrate
-from .errors import InvalidTransitionError, JobNotFoundError, SchemaVersionError, StoreError
+from .errors import (AttemptConflictError, InvalidTransitionError, JobNotFoundError,
+                     SchemaVersionError, StoreError)
 from .paths import default_data_dir, default_db_path, default_db_url
 from .records import CheckpointRecord, EventRecord, JobRecord
 from .repo import Store, open_store
@@ -22,6 +23,7 @@ __all__ = [
     "LATEST_VERSION",
     "TERMINAL",
     "TRANSITIONS",
+    "AttemptConflictError",
     "CheckpointRecord",
     "EventRecord",
     "InvalidTransitionError",

@@ -21,3 +21,8 @@ class JobNotFoundError(StoreError, KeyError):
 
 class InvalidTransitionError(StoreError, ValueError):
     """A job status change that the job life cycle does not allow."""
+
+
+class AttemptConflictError(InvalidTransitionError):
+    """Another process already claimed the job's attempt (or the job is no longer the
+    caller's to run): the caller must stop, leaving the job as it is."""

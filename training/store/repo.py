@@ -24,7 +24,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 
 from .engine import Database, is_locked_error, migrate
-from .errors import InvalidTransitionError, JobNotFoundError
+from .errors import AttemptConflictError, InvalidTransitionError, JobNotFoundError
 from .paths import default_db_url
 from .records import CheckpointRecord, EventRecord, JobRecord, snapshot
 from .schema import (EVENT_LEVELS, TERMINAL, TRANSITIONS, Base, Checkpoint, Event, Job,
@@ -212,13 +212,35 @@ class Store:
     def start_attempt(self, job_id: int, *, resolved_config: Mapping[str, Any],
                       hardware: Mapping[str, Any] | None = None, ray_address: str | None = None,
                       pid: int | None = None, hostname: str | None = None,
-                      run_dir: str | None = None, dataset_fingerprint: str | None = None) -> int:
-        """Mark a queued (or interrupted, on resume) job running. Returns the attempt number.
+                      run_dir: str | None = None, dataset_fingerprint: str | None = None,
+                      expect_attempt: int | None = None) -> int:
+        """Claim a queued (or interrupted, on resume) job: mark it running as its next attempt.
 
-        ``pid`` and ``hostname`` default to the calling process's.
+        Reading the attempt and writing the next one happen in one write transaction
+        (``BEGIN IMMEDIATE`` on SQLite), so of several processes claiming the same job at
+        once exactly one succeeds.
+
+        Args:
+            job_id: the job.
+            resolved_config, hardware, ray_address, run_dir, dataset_fingerprint: what this
+                attempt runs with, where (kept on the job).
+            pid, hostname: the process running the attempt (default: the caller).
+            expect_attempt: the attempt number the caller saw when it decided to run the
+                job; if another process has claimed an attempt since, nothing changes.
+
+        Returns:
+            The new attempt number.
+
+        Raises:
+            AttemptConflictError: the job's attempt is no longer ``expect_attempt``.
+            InvalidTransitionError: the job is neither queued nor interrupted.
         """
         with self._db.write() as s:
             job = self._job(s, job_id, lock=True)
+            if expect_attempt is not None and job.attempt != expect_attempt:
+                raise AttemptConflictError(
+                    f"job {job_id} is at attempt {job.attempt} ({job.status}), not "
+                    f"{expect_attempt}: another process claimed it")
             self._check_transition(job, JobStatus.RUNNING)
             now = utcnow()
             job.status = JobStatus.RUNNING.value
@@ -239,12 +261,53 @@ class Store:
             return job.attempt
 
     @_retrying
-    def heartbeat(self, job_id: int) -> bool:
+    def restart_attempt(self, job_id: int, *, pid: int, hostname: str,
+                        reason: str | None = None) -> int:
+        """Count a restart of a running job's workers as the job's next attempt.
+
+        The job stays running (it never passes through another status, so no other process
+        can take it over meanwhile); the attempt is read and incremented in one write
+        transaction, so concurrent callers each get a number of their own.
+
+        Args:
+            job_id: the job.
+            pid, hostname: the job process that owns the running attempt (the one that
+                called :meth:`start_attempt`); anyone else is refused.
+            reason: a warning event written with the new attempt (why it restarted).
+
+        Returns:
+            The new attempt number.
+
+        Raises:
+            AttemptConflictError: the job is not running, or not in that process.
+        """
+        with self._db.write() as s:
+            job = self._job(s, job_id, lock=True)
+            if job.status != JobStatus.RUNNING.value or (job.pid, job.hostname) != (
+                    pid, hostname):
+                raise AttemptConflictError(
+                    f"job {job_id} is {job.status} in pid {job.pid} on {job.hostname}, not "
+                    f"running in pid {pid} on {hostname}: it is no longer that process's "
+                    "to restart")
+            if reason:
+                self._event(s, job_id, reason, "warning")
+            job.attempt += 1
+            job.started_at = job.heartbeat_at = utcnow()
+            self._event(s, job_id, f"attempt {job.attempt} started on {job.hostname} "
+                                   f"(pid {job.pid}, workers restarted)")
+            return job.attempt
+
+    @_retrying
+    def heartbeat(self, job_id: int, *, pid: int | None = None,
+                  hostname: str | None = None) -> bool:
         """Record that the job is alive. False if it is no longer running (the job should
-        stop: it was cancelled, or marked interrupted after missing heartbeats)."""
+        stop: it was cancelled, or marked interrupted after missing heartbeats), or, when
+        ``pid`` and ``hostname`` are given, no longer running in that process (it was
+        declared interrupted and resumed by another)."""
+        owner = [] if pid is None else [Job.pid == pid, Job.hostname == hostname]
         with self._db.write() as s:
             done = s.execute(update(Job).where(Job.id == job_id,
-                                               Job.status == JobStatus.RUNNING.value)
+                                               Job.status == JobStatus.RUNNING.value, *owner)
                              .values(heartbeat_at=utcnow())
                              .execution_options(synchronize_session=False))
             if done.rowcount:

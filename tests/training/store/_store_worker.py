@@ -9,12 +9,13 @@ Exceptions are caught and reported in that line, never raised, so the parent see
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from lungvit.training.store import open_store
+from lungvit.training.store import AttemptConflictError, open_store
 
 
 def _wait_for(go: Path) -> None:
@@ -73,6 +74,30 @@ def job(url: str, job_id: str, steps: str) -> dict:
         errors.append(repr(exc))
     return {"errors": errors, "metrics": metrics, "checkpoints": checkpoints,
             "lock_retries": store.lock_retries}
+
+
+def restarter(url: str, job_id: str, pid: str, hostname: str, n: str) -> dict:
+    """Count n restarts of the workers of a job running in process (pid, hostname)."""
+    store = open_store(url)
+    attempts, errors = [], []
+    for _ in range(int(n)):
+        try:
+            attempts.append(store.restart_attempt(int(job_id), pid=int(pid),
+                                                  hostname=hostname))
+        except Exception as exc:
+            errors.append(repr(exc))
+    return {"attempts": attempts, "errors": errors, "lock_retries": store.lock_retries}
+
+
+def claimer(url: str, job_id: str, expect: str) -> dict:
+    """Try once to claim a job seen at attempt ``expect`` (what a resumed job process does)."""
+    store = open_store(url)
+    try:
+        attempt = store.start_attempt(int(job_id), resolved_config={}, pid=os.getpid(),
+                                      hostname="racer", expect_attempt=int(expect))
+        return {"attempt": attempt, "pid": os.getpid(), "lock_retries": store.lock_retries}
+    except AttemptConflictError as exc:
+        return {"conflict": str(exc), "lock_retries": store.lock_retries}
 
 
 def crash(url: str, job_id: str) -> dict:

@@ -93,6 +93,49 @@ def test_writers_a_job_and_a_reader_at_once_lose_nothing(store: Store, db_url: s
     assert _integrity(db_url) == "ok"
 
 
+RACERS, RESTARTS = 6, 25
+
+
+def test_concurrent_restarts_each_claim_an_attempt_of_their_own(store: Store, db_url: str,
+                                                                 workers) -> None:
+    job_id = store.create_job({})
+    store.start_attempt(job_id, resolved_config={}, pid=77, hostname="owner")
+    procs = [workers.start("restarter", db_url, job_id, 77, "owner", RESTARTS)
+             for _ in range(RACERS)]
+    workers.go_when_ready()
+    results = [workers.result(p, timeout=60) for p in procs]
+    for r in results:
+        assert r["errors"] == [] and r["lock_retries"] == 0
+    claimed = [a for r in results for a in r["attempts"]]
+    total = RACERS * RESTARTS
+    # Read-and-increment is one transaction: no number twice, none skipped.
+    assert sorted(claimed) == list(range(2, 2 + total))
+    assert store.get_job(job_id).attempt == 1 + total
+    with _sqlite(db_url) as con:
+        started = [m for (m,) in con.execute("SELECT message FROM events WHERE job_id = ?",
+                                              (job_id,)) if m.startswith("attempt ")]
+    assert len(started) == len(set(started)) == 1 + total
+    assert _integrity(db_url) == "ok"
+
+
+def test_of_processes_resuming_one_job_at_once_exactly_one_claims_it(
+        store: Store, db_url: str, workers) -> None:
+    job_id = store.create_job({})
+    store.start_attempt(job_id, resolved_config={})
+    store.set_status(job_id, "interrupted")
+    procs = [workers.start("claimer", db_url, job_id, 1) for _ in range(RACERS)]
+    workers.go_when_ready()
+    results = [workers.result(p, timeout=60) for p in procs]
+    assert all(r["lock_retries"] == 0 for r in results)
+    winners = [r for r in results if "attempt" in r]
+    assert len(winners) == 1 and winners[0]["attempt"] == 2, results
+    assert all("another process claimed it" in r["conflict"] for r in results
+               if r is not winners[0])
+    job = store.get_job(job_id)
+    assert (job.status, job.attempt, job.pid) == ("running", 2, winners[0]["pid"])
+    assert sum(e.message.startswith("attempt 2 started") for e in store.events(job_id)) == 1
+
+
 def test_threads_share_one_store(store: Store, db_url: str) -> None:
     job_id = store.create_job({})
     errors: list[str] = []

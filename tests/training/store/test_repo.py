@@ -10,8 +10,9 @@ from datetime import timedelta
 import numpy as np
 import pytest
 
-from lungvit.training.store import (TERMINAL, TRANSITIONS, InvalidTransitionError,
-                                    JobNotFoundError, JobStatus, Store, open_store)
+from lungvit.training.store import (TERMINAL, TRANSITIONS, AttemptConflictError,
+                                    InvalidTransitionError, JobNotFoundError, JobStatus, Store,
+                                    open_store)
 from lungvit.training.store.schema import utcnow
 
 
@@ -126,6 +127,39 @@ def test_resume_after_interruption_counts_attempts(store: Store) -> None:
         store.start_attempt(job_id, resolved_config={})  # succeeded is terminal
 
 
+def test_a_claim_with_a_stale_attempt_changes_nothing(store: Store) -> None:
+    job_id = _running(store)
+    store.set_status(job_id, "interrupted")
+    # Two resumes both saw attempt 1; the first claims attempt 2, the second is refused.
+    assert store.start_attempt(job_id, resolved_config={}, pid=1, hostname="a",
+                               expect_attempt=1) == 2
+    store.set_status(job_id, "interrupted")  # and even once the job is claimable again
+    with pytest.raises(AttemptConflictError, match="at attempt 2"):
+        store.start_attempt(job_id, resolved_config={}, pid=2, hostname="b", expect_attempt=1)
+    job = store.get_job(job_id)
+    assert (job.status, job.attempt, job.pid, job.hostname) == (
+        JobStatus.INTERRUPTED, 2, 1, "a")
+
+
+def test_restart_attempt_keeps_the_job_running_in_its_process(store: Store) -> None:
+    job_id = store.create_job({})
+    store.start_attempt(job_id, resolved_config={}, pid=10, hostname="h")
+    assert store.restart_attempt(job_id, pid=10, hostname="h", reason="worker died") == 2
+    assert store.restart_attempt(job_id, pid=10, hostname="h") == 3
+    job = store.get_job(job_id)
+    assert (job.status, job.attempt) == (JobStatus.RUNNING, 3)
+    assert [e.message for e in store.events(job_id)][-3:] == [
+        "worker died", "attempt 2 started on h (pid 10, workers restarted)",
+        "attempt 3 started on h (pid 10, workers restarted)"]
+    for owner in ({"pid": 11, "hostname": "h"}, {"pid": 10, "hostname": "other"}):
+        with pytest.raises(AttemptConflictError):
+            store.restart_attempt(job_id, **owner)
+    store.set_status(job_id, "interrupted")
+    with pytest.raises(AttemptConflictError, match="interrupted"):
+        store.restart_attempt(job_id, pid=10, hostname="h")
+    assert store.get_job(job_id).attempt == 3
+
+
 # --- heartbeats, staleness and cancellation ------------------------------------------------
 
 def test_heartbeat_only_while_running(store: Store) -> None:
@@ -137,6 +171,19 @@ def test_heartbeat_only_while_running(store: Store) -> None:
     assert store.get_job(job_id).heartbeat_at > before
     with pytest.raises(JobNotFoundError):
         store.heartbeat(12345)
+
+
+def test_heartbeat_of_a_process_that_no_longer_runs_the_job(store: Store) -> None:
+    job_id = store.create_job({})
+    store.start_attempt(job_id, resolved_config={}, pid=10, hostname="h")
+    assert store.heartbeat(job_id, pid=10, hostname="h") is True
+    # Declared interrupted and resumed by another process: the first must learn it.
+    store.set_status(job_id, "interrupted")
+    store.start_attempt(job_id, resolved_config={}, pid=20, hostname="h")
+    before = store.get_job(job_id).heartbeat_at
+    assert store.heartbeat(job_id, pid=10, hostname="h") is False
+    assert store.get_job(job_id).heartbeat_at == before
+    assert store.heartbeat(job_id, pid=20, hostname="h") is True
 
 
 def test_stale_heartbeat_marks_the_job_interrupted(store: Store, db_url: str) -> None:
