@@ -10,6 +10,8 @@ import atexit
 import logging
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Sequence
@@ -117,6 +119,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         app.close()
     return 0
+
+
+def stop_app(proc: subprocess.Popen, timeout: float = 60.0) -> int:
+    """Stop a ``lungvit-app`` subprocess as Ctrl-C would (so it cleans its upload cache),
+    killing it if it has not exited after ``timeout`` seconds.
+
+    Args:
+        proc: the process, started by the caller.
+        timeout: seconds to wait after the interrupt.
+
+    Returns:
+        Its exit code.
+    """
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
 
 
 def _free_port(host: str) -> int:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lungvit.app.main import EXIT_USAGE, build_parser, main
+from lungvit.app.main import EXIT_USAGE, build_parser, main, stop_app
 
 from .conftest import free_port
 
@@ -76,12 +75,7 @@ def test_launcher_serves_page_and_prints_url(tiny_checkpoint: Path, tmp_path: Pa
         temp_dirs = list((tmp_path / "data" / "tmp").glob("gradio-*"))
         assert temp_dirs, "the upload cache should live under the data directory"
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_app(proc)
         reader.join(timeout=10)
     out = "".join(lines)
     assert f"http://localhost:{port}/" in out
