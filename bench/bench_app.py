@@ -1,23 +1,27 @@
 """How fast ``lungvit-app`` serves its page, and predict + explain latency under load.
 
-    .venv/bin/python bench/bench_app.py [--starts 3] [--clients 8] [--requests 4]
-                                        [--variant lungvit_ref64] [--cores 2]
+    .venv/bin/python bench/bench_app.py [--starts 3] [--clients 8] [--requests 4] [--cores 2]
+                                        [--model PATH | --variant NAME]
+
+By default this measures the app as shipped: ``lungvit-app`` with its defaults, serving the
+bundled demo model (lungvit_tiny, 64 px). ``--model`` serves a checkpoint file instead;
+``--variant`` an untrained model of a registered variant (latency does not depend on the
+weights), e.g. ``--variant lungvit_ref64`` for the reference configuration.
 
 1. Start-up: ``lungvit-app`` (the console script) in a subprocess, polled until ``GET /``
    answers 200; the median of ``--starts`` cold starts (the model loads in the background).
-2. Load: the app (one subprocess pinned to ``--cores`` CPU cores) serves a model of
-   ``--variant`` (untrained weights: latency does not depend on them); ``--clients``
+2. Load: the app (one subprocess pinned to ``--cores`` CPU cores); ``--clients``
    gradio_client clients each send ``--requests`` requests; one request is ``/predict`` on
-   a 512x512 PNG followed by ``/explain`` with attention rollout (faithfulness scoring on,
-   as in the app). Everything stays on 127.0.0.1. Reported: p50 / p95 / max request
-   latency and requests per second; the model's concurrency limit is the app's (2).
+   a 512x512 PNG followed by ``/explain`` with attention rollout, faithfulness scoring on
+   (deletion/insertion AUCs beside random maps), as the app always does. Everything stays
+   on 127.0.0.1. Reported: one warm request alone, then p50 / p95 / max request latency
+   under load and requests per second; the model's concurrency limit is the app's (2).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import platform
-import signal
 import socket
 import statistics
 import subprocess
@@ -30,6 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
+from lungvit.app.main import stop_app
+from lungvit.app.windows import FILE
+
+PREDICT_ARGS = (FILE, None, None)  # the file's own window, no custom level/width
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -38,6 +47,7 @@ def free_port() -> int:
 
 
 def app_command(port: int, data_dir: Path, model: Path | None) -> list[str]:
+    """``lungvit-app`` with its defaults, on ``port``, keeping its files in ``data_dir``."""
     script = Path(sys.executable).with_name("lungvit-app")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "lungvit.app.main"]
     cmd += ["--port", str(port), "--data-dir", str(data_dir)]
@@ -59,36 +69,44 @@ def start_app(cmd: list[str], port: int, cores: set[int] | None) -> tuple[subpro
     raise RuntimeError(f"the app exited with code {proc.returncode}")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def bench_startup(starts: int, tmp: Path) -> list[float]:
+def bench_startup(starts: int, tmp: Path, model: Path | None) -> list[float]:
     times = []
     for i in range(starts):
         port = free_port()
-        proc, seconds = start_app(app_command(port, tmp / f"start{i}", None), port, None)
-        stop(proc)
+        proc, seconds = start_app(app_command(port, tmp / f"start{i}", model), port, None)
+        stop_app(proc)
         times.append(seconds)
     return times
 
 
-def bench_load(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
-    import torch
+def served_model(args: argparse.Namespace, tmp: Path) -> tuple[Path | None, str]:
+    """The checkpoint to pass as ``--model`` (None: the app's default) and its name."""
+    if args.model:
+        return Path(args.model), Path(args.model).name
+    if args.variant:
+        import torch
+
+        from lungvit.core.checkpoint import CheckpointInfo, save_checkpoint
+        from lungvit.core.model import create_model
+
+        torch.manual_seed(0)
+        path = tmp / f"{args.variant}.safetensors"
+        save_checkpoint(path, create_model(args.variant).eval(), CheckpointInfo(notes="bench"))
+        return path, f"{args.variant} (untrained)"
+    from lungvit.core.predict import bundled_model_path
+
+    bundled = bundled_model_path()
+    if bundled is None:
+        raise SystemExit("the bundled demo model is not installed; pass --model or --variant")
+    from lungvit.core.checkpoint import read_checkpoint_info
+
+    return None, f"bundled demo model ({read_checkpoint_info(bundled).variant})"
+
+
+def bench_load(args: argparse.Namespace, tmp: Path, model: Path | None) -> dict[str, object]:
     from gradio_client import Client, handle_file
     from PIL import Image
 
-    from lungvit.core.checkpoint import CheckpointInfo, save_checkpoint
-    from lungvit.core.model import create_model
-
-    torch.manual_seed(0)
-    model = tmp / f"{args.variant}.safetensors"
-    save_checkpoint(model, create_model(args.variant).eval(), CheckpointInfo(notes="bench"))
     rng = np.random.default_rng(0)
     image = tmp / "scan.png"
     yy, xx = np.mgrid[0:512, 0:512]
@@ -100,21 +118,26 @@ def bench_load(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
+
+    def request(c: Client) -> None:
+        c.predict([handle_file(str(image))], None, *PREDICT_ARGS, False, api_name="/predict")
+        c.predict([handle_file(str(image))], None, *PREDICT_ARGS, ["Attention rollout"],
+                  "Predicted class", 0.5, api_name="/explain")
+
     try:
         url = f"http://127.0.0.1:{port}/"
         warm = Client(url, verbose=False)
-        warm.predict([handle_file(str(image))], None, "File default", None, None, False,
-                     api_name="/predict")
+        request(warm)  # loads the model, fills caches
+        t0 = time.perf_counter()
+        request(warm)
+        alone = time.perf_counter() - t0
 
         def client_loop() -> None:
             c = Client(url, verbose=False)
             for _ in range(args.requests):
                 t0 = time.perf_counter()
                 try:
-                    c.predict([handle_file(str(image))], None, "File default", None, None,
-                              False, api_name="/predict")
-                    c.predict([handle_file(str(image))], None, "File default", None, None,
-                              ["Attention rollout"], "Predicted class", 0.5, api_name="/explain")
+                    request(c)
                 except Exception as exc:  # counted and reported, the run goes on
                     with lock:
                         errors.append(type(exc).__name__)
@@ -130,32 +153,40 @@ def bench_load(args: argparse.Namespace, tmp: Path) -> dict[str, float]:
             t.join()
         wall = time.perf_counter() - t0
     finally:
-        stop(proc)
+        stop_app(proc)
     q = np.quantile(latencies, [0.5, 0.95]) if latencies else [float("nan")] * 2
-    return {"p50": float(q[0]), "p95": float(q[1]), "max": max(latencies, default=float("nan")),
-            "n": len(latencies), "errors": len(errors), "rps": len(latencies) / wall,
-            "wall": wall, "cores": len(cores), "error_kinds": sorted(set(errors))}
+    return {"alone": alone, "p50": float(q[0]), "p95": float(q[1]),
+            "max": max(latencies, default=float("nan")), "n": len(latencies),
+            "errors": len(errors), "rps": len(latencies) / wall, "wall": wall,
+            "cores": len(cores), "error_kinds": sorted(set(errors))}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--starts", type=int, default=3)
-    p.add_argument("--clients", type=int, default=8)
-    p.add_argument("--requests", type=int, default=4)
-    p.add_argument("--variant", default="lungvit_ref64")
-    p.add_argument("--cores", type=int, default=2)
+    p.add_argument("--starts", type=int, default=3, help="cold starts timed (median shown)")
+    p.add_argument("--clients", type=int, default=8, help="concurrent API clients")
+    p.add_argument("--requests", type=int, default=4, help="requests per client")
+    p.add_argument("--cores", type=int, default=2, help="CPU cores the app may use")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", metavar="PATH",
+                       help="serve this checkpoint (default: the bundled demo model)")
+    which.add_argument("--variant", metavar="NAME",
+                       help="serve an untrained model of this variant, e.g. lungvit_ref64")
     args = p.parse_args()
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        starts = bench_startup(args.starts, tmp)
-        print(f"start to served page: median {statistics.median(starts):.2f} s "
+        model, name = served_model(args, tmp)
+        starts = bench_startup(args.starts, tmp, model)
+        print(f"start to served page ({name}): median {statistics.median(starts):.2f} s "
               f"(runs: {', '.join(f'{s:.2f}' for s in starts)})")
-        r = bench_load(args, tmp)
-        print(f"predict+rollout ({args.variant}, {args.clients} clients x {args.requests}, "
-              f"{r['cores']} cores): p50 {r['p50']:.2f} s, p95 {r['p95']:.2f} s, max "
-              f"{r['max']:.2f} s, {r['rps']:.2f} req/s, {r['n']} ok, {r['errors']} errors")
+        r = bench_load(args, tmp, model)
+        print(f"predict+rollout with faithfulness ({name}, {r['cores']} cores): alone "
+              f"{r['alone']:.2f} s; {args.clients} clients x {args.requests}: p50 "
+              f"{r['p50']:.2f} s, p95 {r['p95']:.2f} s, max {r['max']:.2f} s, "
+              f"{r['rps']:.2f} req/s, {r['n']} ok, {r['errors']} errors"
+              + (f" ({', '.join(r['error_kinds'])})" if r["error_kinds"] else ""))
 
 
 if __name__ == "__main__":
