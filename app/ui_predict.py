@@ -22,8 +22,12 @@ def to_custom() -> str:
 def fan_out(gallery: list[Any] | None) -> list[Any]:
     """Spread the explain API's (overlay, caption) list over the fixed overlay panels.
 
-    Each panel is a whole image (a gallery crops a lone one and truncates its caption)
-    with its method and faithfulness numbers as the label and its own download button.
+    Each panel shows its map whole (a gallery crops a lone image and truncates captions),
+    labelled with its method and target class, its faithfulness numbers below it, and a
+    download button.
+
+    Args:
+        gallery: the explain endpoint's list of (overlay file, caption) pairs.
 
     Returns:
         One update per panel (shown or hidden), then one per image, then one per caption.
