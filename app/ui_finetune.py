@@ -45,13 +45,13 @@ def build_finetune_tab(ctx: AppContext, data_dir_hint: str = "") -> gr.events.De
         job = gr.Number(0, label="Job", precision=0, interactive=False, min_width=80,
                         elem_id="job-id")
     status = gr.Markdown("No job started yet.", elem_id="job-status")
-    curves = gr.Plot(label="Loss and accuracy")
+    curves = gr.Plot(label="Loss and accuracy", show_label=False)
     events = gr.Textbox(label="Job log", lines=5, max_lines=8, interactive=False)
     with gr.Accordion("Results", open=True):
         with gr.Row():
             per_class = gr.Dataframe(headers=["class", "precision", "recall", "F1", "images"],
                                      interactive=False, label="Per class (test split)")
-            cm = gr.Plot(label="Confusion matrix")
+            cm = gr.Plot(label="Confusion matrix", show_label=False)
         calibration = gr.Markdown()
         with gr.Row():
             use = gr.Button("Use this model", variant="primary", interactive=False,

@@ -19,8 +19,10 @@ def build_runs_tab(ctx: AppContext) -> list[gr.components.Component]:
         resume = gr.Button("Resume (interrupted runs)", scale=0, min_width=240)
         resumed = gr.Markdown()
     with gr.Row():
-        curves = gr.Plot(label="Curves")
-        cm = gr.Plot(label="Confusion matrix", elem_id="run-confusion")
+        # The figures carry their own titles; a floating label would cover their axes.
+        curves = gr.Plot(label="Curves", show_label=False, scale=3)
+        cm = gr.Plot(label="Confusion matrix", elem_id="run-confusion", show_label=False,
+                     scale=2)
     per_class = gr.Dataframe(headers=["class", "precision", "recall", "F1", "images"],
                              interactive=False, label="Per class (test split)")
     with gr.Accordion("Configuration", open=False):

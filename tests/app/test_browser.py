@@ -47,6 +47,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from lungvit.core.predict import bundled_model_path
 
     model = bundled_model_path()
+    if model is None and os.environ.get("LUNGVIT_SCREENSHOTS"):
+        pytest.fail("README screenshots must show the bundled demo model, which is not "
+                    "installed")
     if model is None:
         torch.manual_seed(0)
         model = tmp_path_factory.mktemp("model") / "stand-in-demo.safetensors"
@@ -97,10 +100,20 @@ def test_predict_and_explain_in_browser(page: object, phantom_dicom: Path, shots
     assert any(lbl in label for lbl in DEFAULT_LABELS), label
     sync_api.expect(pg.locator("#scan-viewer img")).to_be_visible()
     sync_api.expect(pg.locator("#probabilities")).to_contain_text(label.split(" ")[0])
+    presets = pg.locator("#window-preset")
+    sync_api.expect(presets).to_contain_text("percentile")
+    sync_api.expect(presets).not_to_contain_text("CT lung")  # Hounsfield presets: CT only
     pg.locator("#explain-button").click()
-    overlay = pg.locator("#explanations img").first
+    overlay = pg.locator("#explanations .overlay img").first
     sync_api.expect(overlay).to_be_visible()
     assert overlay.evaluate("img => img.naturalWidth") > 0
+    # The whole map is shown (scaled to fit, never cropped) at a readable size.
+    assert overlay.evaluate("img => getComputedStyle(img).objectFit") == "contain"
+    box = overlay.bounding_box()
+    assert box is not None and min(box["width"], box["height"]) >= 200, box
+    sync_api.expect(pg.locator("#explanations")).to_contain_text("deletion AUC")
+    sync_api.expect(pg.locator("#explanations")).to_contain_text("insertion AUC")
+    pg.wait_for_timeout(500)  # let the panel's image finish painting before the screenshot
     pg.screenshot(path=str(shots / "predict-explain.png"), full_page=True)
 
 
@@ -108,8 +121,13 @@ def test_predict_and_explain_in_browser(page: object, phantom_dicom: Path, shots
 def test_finetune_in_browser(page: object, tmp_path: Path, shots: Path) -> None:
     from lungvit.core.cli import main as cli
 
+    # For the README, a run worth looking at: the demo model fine-tuned for a few epochs;
+    # otherwise the shortest run that goes through every stage.
+    readme = bool(os.environ.get("LUNGVIT_SCREENSHOTS"))
+    per_class, epochs, steps, base = (("24", "3", "0", "Current model") if readme else
+                                      ("8", "1", "4", "lungvit_tiny (from scratch)"))
     data = tmp_path / "dataset"
-    assert cli(["demo-data", str(data), "--per-class", "8", "--size", "64", "--classes",
+    assert cli(["demo-data", str(data), "--per-class", per_class, "--size", "64", "--classes",
                 "lung-normal", "lung-covid", "lung-oct-cnv"]) == 0
     pg = page
     pg.get_by_role("tab", name="Fine-tune").click()
@@ -117,11 +135,11 @@ def test_finetune_in_browser(page: object, tmp_path: Path, shots: Path) -> None:
     pg.get_by_role("button", name="Check dataset").click()
     sync_api.expect(pg.locator("#dataset-summary")).to_contain_text("3 classes")
     pg.get_by_text("Advanced settings").click()
-    pg.get_by_label("Epochs").fill("1")
-    pg.get_by_label("Stop after N steps (0: no limit)").fill("4")
+    pg.get_by_label("Epochs").fill(epochs)
+    pg.get_by_label("Stop after N steps (0: no limit)").fill(steps)
     pg.get_by_label("Batch size").fill("8")
     pg.get_by_label("Start from").click()
-    pg.get_by_role("option", name="lungvit_tiny (from scratch)").click()
+    pg.get_by_role("option", name=base).click()
     pg.locator("#finetune-button").click()
     status = pg.locator("#job-status")
     sync_api.expect(status).to_contain_text("Job", timeout=60_000)
