@@ -154,8 +154,9 @@ def job_status(ctx: AppContext, job_id: float | None) -> tuple[str, Any, str, di
     acc = [v for _, v in series.get("val/acc", []) if not math.isnan(v)]
     if acc:
         last_epoch = f", validation accuracy {acc[-1]:.1%}"
+    eta = _eta(job, series, _expected_total(job)) if job.status == "running" else ""
     text = (f"**Job {job.id}: {job.status}** (attempt {job.attempt}), step {step}"
-            f"{last_epoch}{_eta(job, series, _expected_total(job)) if job.status == 'running' else ''}")
+            f"{last_epoch}{eta}")
     if job.error_text:
         text += "\n\n" + html.escape(job.error_text.strip().splitlines()[-1])
     log_text = "\n".join(f"{e.ts:%H:%M:%S} {e.message}" for e in events[-12:])

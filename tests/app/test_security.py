@@ -102,7 +102,8 @@ def test_file_route_serves_no_private_files(running_app: tuple[str, object],
 
     open_store(ctx.paths.db_url).close()  # type: ignore[attr-defined]
     assert db is not None and db.is_file()
-    for target in ("/etc/passwd", str(db), str(tiny_checkpoint), str(Path.cwd() / "pyproject.toml")):
+    targets = ("/etc/passwd", str(db), str(tiny_checkpoint), str(Path.cwd() / "pyproject.toml"))
+    for target in targets:
         for route in ("/gradio_api/file=", "/file="):
             status, body = _get(base, route + quote(target))
             assert status >= 400, (route, target, status)

@@ -1,4 +1,4 @@
-"""Display windows by modality: CT presets in Hounsfield units, file/auto/full-range for the rest."""
+"""Display windows by modality: CT Hounsfield presets; file, auto, full range for the rest."""
 from __future__ import annotations
 
 from pathlib import Path
