@@ -103,6 +103,12 @@ def test_predict_and_explain_in_browser(page: object, phantom_dicom: Path, shots
     presets = pg.locator("#window-preset")
     sync_api.expect(presets).to_contain_text("percentile")
     sync_api.expect(presets).not_to_contain_text("CT lung")  # Hounsfield presets: CT only
+    level = pg.get_by_label("Level (center)")
+    sync_api.expect(level).not_to_have_value("")
+    before = level.input_value()
+    pg.get_by_label("Auto (0.5-99.5 percentile)").check()  # re-reads the scan, shows its window
+    sync_api.expect(level).not_to_have_value(before)
+    sync_api.expect(pg.get_by_label("Auto (0.5-99.5 percentile)")).to_be_checked()
     pg.locator("#explain-button").click()
     overlay = pg.locator("#explanations .overlay img").first
     sync_api.expect(overlay).to_be_visible()
