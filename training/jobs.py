@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -38,7 +40,8 @@ from sqlalchemy.engine import make_url
 from lungvit.core.errors import LungViTError
 from lungvit.training.config import TrainConfig
 from lungvit.core.configs import unknown_keys
-from lungvit.training.store import JobStatus, Store, default_data_dir, default_db_url, open_store
+from lungvit.training.store import (AttemptConflictError, JobRecord, JobStatus, Store,
+                                    default_data_dir, default_db_url, open_store)
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,8 @@ class JobRequest:
         metrics_every_n_steps: store the training loss and learning rate every N steps.
         mlflow_uri: also log metrics to this MLflow tracking URI (needs ``mlflow``).
         fault_injection: tests only: ``{"rank": r, "step": s}`` makes worker r exit hard
-            at step s, once.
+            at step s, once; ``{"kill_job_at_checkpoint": s}`` SIGKILLs the job process
+            right after checkpoint s is stored, once.
     """
 
     train: dict[str, Any]
@@ -230,8 +234,10 @@ class _Watcher(threading.Thread):
     """The job process's heartbeat: beats, obeys cancel requests and reports progress.
 
     Every second it checks for a cancel request (and reports progress); every
-    ``interval_s`` it beats. To stop the training it calls ``abort`` (which makes Ray
-    abort the run), again after 15 s if the run is still going.
+    ``interval_s`` it beats. A beat that finds the job no longer running in this process
+    (the app declared it interrupted, perhaps resumed it elsewhere) stops the training:
+    two processes must never train one job. To stop the training it calls ``abort``
+    (which makes Ray abort the run), again after 15 s if the run is still going.
     """
 
     POLL_S = 1.0
@@ -248,7 +254,7 @@ class _Watcher(threading.Thread):
         self._done = threading.Event()
         self._aborted_at: float | None = None
         self._last_beat = time.monotonic()
-        self._strikes = 0
+        self._owner = {"pid": os.getpid(), "hostname": socket.gethostname()}
 
     def stop(self) -> None:
         self._done.set()
@@ -267,14 +273,8 @@ class _Watcher(threading.Thread):
             self._stop_training(now, cancel=True)
         elif now - self._last_beat >= self.interval_s:
             self._last_beat = now
-            if self.store.heartbeat(self.job_id):
-                self._strikes = 0
-            elif self.store.get_job(self.job_id).status is JobStatus.INTERRUPTED:
-                # A Ray restart of the workers passes through "interrupted" for a moment;
-                # twice in a row means the app declared this job dead: stop, do not compete.
-                self._strikes += 1
-                if self._strikes >= 2:
-                    self._stop_training(now, cancel=False)
+            if not self.store.heartbeat(self.job_id, **self._owner):
+                self._stop_training(now, cancel=False)
         if self.progress is not None:
             series = self.store.metrics(self.job_id, names=["train/loss", "val/loss"])
             latest = {name: values[-1][1] for name, values in series.items() if values}
@@ -285,7 +285,7 @@ class _Watcher(threading.Thread):
         if self._aborted_at is None:
             self.cancelled, self.lost = cancel, not cancel
             log.warning("job %d: %s; stopping the workers", self.job_id,
-                        "cancel requested" if cancel else "marked interrupted elsewhere")
+                        "cancel requested" if cancel else "no longer running in this process")
         elif now - self._aborted_at < self.FORCE_AFTER_S:
             return
         else:  # Ray forces its exit at the third SIGINT
@@ -331,10 +331,14 @@ def run_job(job_id: int, *, db_url: str | None = None,
             raise JobError(f"job {job_id} is {job.status}; only a queued or interrupted job "
                            "can be run")
         store.add_event(job_id, ("resuming" if job.status is JobStatus.INTERRUPTED
-                                 else "starting") + " the job")
+                                 else "starting") + f" the job (pid {os.getpid()})")
         try:
             return _run(store, job_id, JobRequest.from_dict(job.request_config), url,
-                        heartbeat_s, progress, worker_logs)
+                        heartbeat_s, progress, worker_logs, job.attempt)
+        except AttemptConflictError as exc:
+            # Another process runs this job now: leave it alone (never mark it failed).
+            store.add_event(job_id, f"pid {os.getpid()} stopped: {exc}", "warning")
+            raise JobError(str(exc)) from exc
         except BaseException as exc:
             _fail(store, job_id, exc)
             raise
@@ -342,15 +346,22 @@ def run_job(job_id: int, *, db_url: str | None = None,
         store.close()
 
 
+def _is_mine(job: JobRecord) -> bool:
+    """Whether ``job`` is running in this process."""
+    return job.status is JobStatus.RUNNING and (job.pid, job.hostname) == (
+        os.getpid(), socket.gethostname())
+
+
 def _fail(store: Store, job_id: int, exc: BaseException) -> None:
-    """Leave the job failed (or interrupted, if the process itself was stopped)."""
+    """Leave the job failed (or interrupted, if the process itself was stopped), unless
+    it is running in another process now."""
     try:
-        if store.get_job(job_id).is_terminal:
+        job = store.get_job(job_id)
+        if job.is_terminal or (job.status is JobStatus.RUNNING and not _is_mine(job)):
             return
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             # Stopped from outside (Ctrl-C, SIGTERM): resumable if it had started.
-            started = store.get_job(job_id).status is JobStatus.RUNNING
-            store.set_status(job_id, (JobStatus.INTERRUPTED if started
+            store.set_status(job_id, (JobStatus.INTERRUPTED if job.status is JobStatus.RUNNING
                                       else JobStatus.CANCELLED).value)
             return
         text = (str(exc) if isinstance(exc, LungViTError)
@@ -361,7 +372,7 @@ def _fail(store: Store, job_id: int, exc: BaseException) -> None:
 
 
 def _run(store: Store, job_id: int, request: JobRequest, url: str, heartbeat_s: float,
-         progress: ProgressFn | None, worker_logs: bool) -> JobStatus:
+         progress: ProgressFn | None, worker_logs: bool, seen_attempt: int) -> JobStatus:
     from lungvit.training import ray_launcher
     from lungvit.training.fit import build_datamodule, resolve_config
 
@@ -386,7 +397,8 @@ def _run(store: Store, job_id: int, request: JobRequest, url: str, heartbeat_s: 
         storage_path=str(Path(cfg.run_dir) / "ray"), name=f"job-{job_id}",
         launch_id=uuid.uuid4().hex, metrics_every_n_steps=request.metrics_every_n_steps,
         mlflow_uri=request.mlflow_uri, resume_from=_latest_resumable(store, job_id),
-        fault=request.fault_injection)
+        fault=request.fault_injection, owner_pid=os.getpid(),
+        owner_host=socket.gethostname())
     opts = ray_launcher.ClusterOptions(address=request.ray_address,
                                        num_cpus=None if request.ray_address
                                        else request.local_cpus(), log_to_driver=worker_logs)
@@ -396,7 +408,8 @@ def _run(store: Store, job_id: int, request: JobRequest, url: str, heartbeat_s: 
                     "cluster": cluster.resources, "local_cluster": cluster.local}
         attempt = store.start_attempt(job_id, resolved_config=resolved, hardware=hardware,
                                       ray_address=cluster.address, run_dir=cfg.run_dir,
-                                      dataset_fingerprint=dm.fingerprint)
+                                      dataset_fingerprint=dm.fingerprint,
+                                      expect_attempt=seen_attempt)
         log.info("job %d attempt %d on Ray at %s", job_id, attempt, cluster.address)
         watcher = _Watcher(store, job_id, heartbeat_s, ray_launcher.abort_training, progress,
                            _expected_steps(cfg, len(dm.splits["train"]), request.workers))
@@ -428,12 +441,12 @@ def _latest_resumable(store: Store, job_id: int) -> str | None:
 
 def _finish(store: Store, job_id: int, watcher: _Watcher, error: str | None) -> JobStatus:
     job = store.get_job(job_id)
-    if watcher.cancelled:
-        if job.status is JobStatus.RUNNING:
-            store.set_status(job_id, JobStatus.CANCELLED.value)
-    elif watcher.lost:
-        store.add_event(job_id, "stopped: another process marked this job interrupted",
-                        "warning")
+    if watcher.lost or not _is_mine(job):
+        # Declared interrupted (and perhaps resumed) elsewhere: its status is not ours.
+        store.add_event(job_id, f"pid {os.getpid()} stopped: the job is {job.status} "
+                                f"(pid {job.pid}) and no longer runs here", "warning")
+    elif watcher.cancelled:
+        store.set_status(job_id, JobStatus.CANCELLED.value)
     elif error is not None:
         store.set_status(job_id, JobStatus.FAILED.value, error_text=error)
     elif job.result_checkpoint_path is None:

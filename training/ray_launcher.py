@@ -285,7 +285,11 @@ class TrainSpec:
         metrics_every_n_steps: store the training loss and learning rate every N steps.
         mlflow_uri: also log metrics to this MLflow tracking server.
         resume_from: a Lightning checkpoint to continue from, unless Ray has a newer one.
-        fault: test hook {"rank": r, "step": s}: worker r exits hard at step s, once.
+        fault: test hooks: {"rank": r, "step": s}: worker r exits hard at step s, once;
+            {"kill_job_at_checkpoint": s}: once checkpoint s is in the store, rank 0
+            SIGKILLs the job process (``owner_pid``), once.
+        owner_pid, owner_host: the job process that runs this (a restart of the workers
+            counts as a new attempt only while the job is still that process's).
     """
 
     train_config: dict[str, Any]
@@ -303,6 +307,8 @@ class TrainSpec:
     mlflow_uri: str | None = None
     resume_from: str | None = None
     fault: dict[str, int] | None = None
+    owner_pid: int = 0
+    owner_host: str = ""
 
 
 def train(spec: TrainSpec) -> None:
@@ -350,12 +356,19 @@ def _train_worker(config: dict[str, Any]) -> None:
     store_cb = StoreCallback(spec.db_url, spec.job_id,
                              every_n_steps=spec.metrics_every_n_steps) if rank == 0 else None
     if store_cb is not None and _is_restart(Path(cfg.run_dir), spec.launch_id):
-        store_cb.new_attempt("Ray restarted the workers after a failure")
-    callbacks: list[Any] = [ReportToRay(store_cb.record_checkpoint if store_cb else None)]
-    if store_cb is not None:
-        callbacks.append(store_cb)
-    if spec.fault:
-        callbacks.append(FailOnce(rank, **spec.fault, marker=Path(cfg.run_dir) / FAULT_MARKER))
+        store_cb.new_attempt("Ray restarted the workers after a failure",
+                             pid=spec.owner_pid, hostname=spec.owner_host)
+    # The store callback goes first: a step's metrics are in the store before a checkpoint
+    # of that step is reported, so a run resumed from any checkpoint misses none of them.
+    callbacks: list[Any] = [] if store_cb is None else [store_cb]
+    on_checkpoint = store_cb.record_checkpoint if store_cb else None
+    fault, marker = dict(spec.fault or {}), Path(cfg.run_dir) / FAULT_MARKER
+    kill_at = fault.pop("kill_job_at_checkpoint", None)
+    if on_checkpoint is not None and kill_at is not None:
+        on_checkpoint = _kill_job_after(on_checkpoint, kill_at, spec.owner_pid, marker)
+    callbacks.append(ReportToRay(on_checkpoint))
+    if fault:
+        callbacks.append(FailOnce(rank, **fault, marker=marker))
     extra = {"logger": _loggers(cfg, spec)} if spec.mlflow_uri else {}
 
     with _resume_point(spec) as resume_from:
@@ -419,7 +432,11 @@ class ReportToRay(Callback):
     """Report each validation's loss and a resumable checkpoint to Ray Train.
 
     Every rank calls ``ray.train.report`` (it is a barrier); rank 0 hands over the
-    checkpoint, which Ray copies to ``<storage>/<run>/checkpoint_step<N>/``.
+    checkpoint, which Ray copies to ``<storage>/<run>/checkpoint_step<N>/``. A validation
+    at the end of an epoch is reported at the epoch's end, once the epoch's metrics are
+    logged (and stored by callbacks placed before this one): Lightning resumes from such a
+    checkpoint at the next epoch without running the epoch-end hooks again, so metrics
+    written after the checkpoint would be lost for good.
 
     Args:
         on_checkpoint: called on rank 0 with (step, persisted checkpoint path, val loss).
@@ -427,6 +444,7 @@ class ReportToRay(Callback):
 
     def __init__(self, on_checkpoint: Callable[[int, str, float | None], None] | None) -> None:
         self.on_checkpoint = on_checkpoint
+        self._pending_step: int | None = None  # an epoch-end validation not reported yet
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         prepare_trainer(trainer)  # checks the strategy and environment are Ray's
@@ -434,6 +452,17 @@ class ReportToRay(Callback):
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if trainer.sanity_checking:
             return
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._pending_step = int(trainer.global_step)  # the same on every rank
+        else:
+            self._report(trainer)  # mid-epoch (val_every_n_steps): nothing else to wait for
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        pending, self._pending_step = self._pending_step, None
+        if pending is not None and pending == int(trainer.global_step):
+            self._report(trainer)
+
+    def _report(self, trainer: Any) -> None:
         step = int(trainer.global_step)
         loss = trainer.callback_metrics.get("val/loss")
         val_loss = float(loss) if loss is not None else float("nan")
@@ -478,6 +507,20 @@ class FailOnce(Callback):
         sys.stderr.write(f"fault injection: exiting at step {trainer.global_step}\n")
         sys.stderr.flush()
         os._exit(1)
+
+
+def _kill_job_after(record: Callable[[int, str, float | None], None], step: int, pid: int,
+                    marker: Path) -> Callable[[int, str, float | None], None]:
+    """Test hook: ``record``, then SIGKILL of the job process once checkpoint ``step`` is
+    recorded (the moment a killed job is the likeliest to lose what followed)."""
+    def record_then_kill(at: int, path: str, val_loss: float | None) -> None:
+        record(at, path, val_loss)
+        if at == step and not marker.exists():
+            marker.write_text(f"job process {pid} killed after checkpoint {at}\n")
+            sys.stderr.write(f"fault injection: killing the job process {pid}\n")
+            sys.stderr.flush()
+            os.kill(pid, signal.SIGKILL)
+    return record_then_kill
 
 
 class WorkerFailureEvents(UserCallback):

@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from lungvit.training.data import file_sha256
 from lungvit.training.fit import FitResult
 from lungvit.training.metrics import scalar_metrics
-from lungvit.training.store import JobStatus, Store, open_store
+from lungvit.training.store import Store, open_store
 
 MONITOR = "val/loss"  # what "best" means: the lowest validation loss
 STEP_SUFFIX = "_step"
@@ -94,20 +94,25 @@ class StoreCallback(Callback):
     def event(self, message: str, level: str = "info") -> None:
         self.store.add_event(self.job_id, message, level)
 
-    def new_attempt(self, reason: str) -> int:
+    def new_attempt(self, reason: str, *, pid: int, hostname: str) -> int:
         """Count a restart of the workers as a new attempt of the job (attempt + 1).
 
-        The job goes running -> interrupted -> running and keeps its process, run folder
-        and configuration. Returns the new attempt number.
+        The job stays running, in its process, run folder and configuration; the store
+        bumps the attempt atomically (:meth:`Store.restart_attempt`).
+
+        Args:
+            reason: why the workers restarted (a warning event).
+            pid, hostname: the job process the workers belong to.
+
+        Returns:
+            The new attempt number.
+
+        Raises:
+            AttemptConflictError: the job is no longer running in that process (it was
+                cancelled, or declared interrupted and perhaps resumed elsewhere).
         """
-        job = self.store.get_job(self.job_id)
-        self.event(reason, "warning")
-        if job.status is JobStatus.RUNNING:
-            self.store.set_status(self.job_id, JobStatus.INTERRUPTED.value)
-        return self.store.start_attempt(
-            self.job_id, resolved_config=job.resolved_config or {}, hardware=job.hardware,
-            ray_address=job.ray_address, pid=job.pid, hostname=job.hostname,
-            run_dir=job.run_dir, dataset_fingerprint=job.dataset_fingerprint)
+        return self.store.restart_attempt(self.job_id, pid=pid, hostname=hostname,
+                                          reason=reason)
 
     # ---------------------------------------------------------------------- Lightning
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

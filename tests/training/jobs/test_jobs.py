@@ -168,3 +168,45 @@ def test_watcher_stops_a_job_declared_dead_elsewhere(tmp_path: Path) -> None:
         time.sleep(0.8)
         watcher.stop()
     assert watcher.lost and not watcher.cancelled and abort.calls == 1
+
+
+def test_watcher_stops_a_job_resumed_by_another_process(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'lungvit.db'}"
+    with open_store(url) as store:
+        job_id = store.create_job({"train": {"data": "d"}})
+        store.start_attempt(job_id, resolved_config={})  # this process
+        store.set_status(job_id, "interrupted")
+        store.start_attempt(job_id, resolved_config={}, pid=1, hostname="elsewhere")
+        abort = _Aborts()
+        watcher = jobs._Watcher(store, job_id, 0.1, abort, None, None)
+        watcher.POLL_S = 0.05
+        watcher.start()
+        time.sleep(0.8)
+        watcher.stop()
+        # This process neither beat for the job nor changed it; the other one runs it.
+        job = store.get_job(job_id)
+    assert watcher.lost and abort.calls == 1
+    assert (job.status, job.attempt, job.pid) == (JobStatus.RUNNING, 2, 1)
+
+
+def test_a_job_claimed_by_another_process_is_left_to_it(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"sqlite:///{tmp_path / 'lungvit.db'}"
+    with open_store(url) as store:
+        job_id = store.create_job({"train": {"data": "d"}})
+
+    def claim_too_late(store, job_id, request, url, heartbeat_s, progress, worker_logs,
+                       seen_attempt):
+        # Another process claims the job while this one prepares its data and Ray.
+        store.start_attempt(job_id, resolved_config={}, pid=1, hostname="elsewhere")
+        return store.start_attempt(job_id, resolved_config={}, expect_attempt=seen_attempt)
+
+    monkeypatch.setattr(jobs, "_run", claim_too_late)
+    with pytest.raises(JobError, match="another process claimed it"):
+        jobs.run_job(job_id, db_url=url)
+    with open_store(url) as store:
+        job = store.get_job(job_id)
+        jobs._fail(store, job_id, RuntimeError("a late error of this process"))
+        assert store.get_job(job_id) == job  # not this process's to fail either
+    assert (job.status, job.attempt, job.pid, job.error_text) == (
+        JobStatus.RUNNING, 1, 1, None)

@@ -10,7 +10,7 @@ from lungvit.core.checkpoint import load_checkpoint
 from lungvit.training.config import TrainConfig
 from lungvit.training.data import file_sha256
 from lungvit.training.fit import fit
-from lungvit.training.store import JobStatus, open_store
+from lungvit.training.store import AttemptConflictError, JobStatus, open_store
 from lungvit.training.store_callback import (StoreCallback, epoch_metrics, eval_metrics,
                                              step_metrics)
 
@@ -85,12 +85,24 @@ def test_new_attempt_counts_a_restart(tmp_path: Path) -> None:
         job = store.create_job({"train": {"data": "d"}})
         store.start_attempt(job, resolved_config={"x": 1}, pid=4242, hostname="h",
                             run_dir="/r", dataset_fingerprint="f")
-    assert StoreCallback(url, job).new_attempt("workers restarted") == 2
+    callback = StoreCallback(url, job)
+    assert callback.new_attempt("workers restarted", pid=4242, hostname="h") == 2
     with open_store(url) as store:
         record = store.get_job(job)
         messages = [e.message for e in store.events(job)]
     assert (record.status, record.attempt, record.pid, record.hostname, record.run_dir,
             record.dataset_fingerprint, record.resolved_config) == (
         JobStatus.RUNNING, 2, 4242, "h", "/r", "f", {"x": 1})
-    assert messages[-3:] == ["workers restarted", "running -> interrupted",
-                             "attempt 2 started on h (pid 4242)"]
+    # Never through "interrupted": no other process may take the job over meanwhile.
+    assert messages[-2:] == ["workers restarted",
+                             "attempt 2 started on h (pid 4242, workers restarted)"]
+    # Workers of another process (or of a job no longer running) are refused.
+    with pytest.raises(AttemptConflictError):
+        callback.new_attempt("stale workers", pid=4243, hostname="h")
+    with open_store(url) as store:
+        store.set_status(job, "interrupted")
+    with pytest.raises(AttemptConflictError):
+        callback.new_attempt("late workers", pid=4242, hostname="h")
+    callback.store.close()
+    with open_store(url) as store:
+        assert store.get_job(job).attempt == 2
