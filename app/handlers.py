@@ -9,6 +9,7 @@ import csv
 import functools
 import html
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -72,6 +73,32 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
     return (np.clip(pixels, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
+def save_png(path: Path, image: np.ndarray, **text: str) -> str:
+    """Write an image as PNG with text chunks, including a one-off request id.
+
+    Gradio caches an output file under a hash of its content and rewrites that file in
+    place when the same content is returned again, so two requests returning the same
+    image at once could be served a half-written file; the id makes every output unique.
+
+    Args:
+        path: where to write.
+        image: (H, W) or (H, W, 3) uint8.
+        **text: further text chunks (e.g. the method); never identifying data.
+
+    Returns:
+        The path, as a string.
+    """
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in {"Software": "LungViT", "lungvit-request": uuid.uuid4().hex,
+                       **text}.items():
+        info.add_text(key, value)
+    Image.fromarray(image).save(path, pnginfo=info)
+    return str(path)
+
+
 def _model_input_image(predictor: Any, scan: Any) -> np.ndarray:
     """The network's actual input, de-normalised for display: (S, S) uint8."""
     x = predictor.prepare(scan)[0].numpy()  # (S, S), normalised
@@ -103,12 +130,12 @@ def _metadata(scan: Any, show_phi: bool) -> dict[str, Any]:
 @user_errors
 def show_scan(ctx: AppContext, files: Sequence[Any] | None, selected: str | None,
               preset: str, center: float | None, width: float | None, show_phi: bool
-              ) -> tuple[np.ndarray, np.ndarray, dict[str, float], str, dict[str, Any],
+              ) -> tuple[str, str, dict[str, float], str, dict[str, Any],
                          dict[str, Any], float | None, float | None]:
     """Read one scan with the chosen window and predict it.
 
     Returns:
-        (what the model saw, the model's input, probabilities, flags Markdown, metadata,
+        (PNGs of what the model saw and of its input, probabilities, flags Markdown, metadata,
         the window presets that suit the scan's modality (choices and the one used), and
         the level and width it was shown with).
     """
@@ -118,7 +145,11 @@ def show_scan(ctx: AppContext, files: Sequence[Any] | None, selected: str | None
     scan = shown.scan
     pred = predictor.predict(scan)
     level, span = numbers_of(scan.meta)
-    return (to_uint8(scan.pixels), _model_input_image(predictor, scan), pred.probabilities,
+    out = ctx.scratch("views")
+    stem = Path(display_name(path, ctx.unpack_dir())).stem
+    shown_png = save_png(out / f"{stem}-shown.png", to_uint8(scan.pixels))
+    input_png = save_png(out / f"{stem}-model-input.png", _model_input_image(predictor, scan))
+    return (shown_png, input_png, pred.probabilities,
             _flags(pred, shown.notes + scan.meta.warnings), _metadata(scan, bool(show_phi)),
             gr.update(choices=presets_for(scan.meta), value=shown.preset), level, span)
 
@@ -150,7 +181,8 @@ def predict_batch(ctx: AppContext, files: Sequence[Any] | None, preset: str,
                           + scan.meta.warnings)
         rows.append([name, pred.label, round(pred.confidence, 4), "yes" if pred.uncertain else "",
                      "yes" if pred.out_of_distribution else "", notes])
-    out = ctx.scratch("tables") / "lungvit-predictions.csv"
+    # A unique name: Gradio caches outputs by content and rewrites same-content files.
+    out = ctx.scratch("tables") / f"lungvit-predictions-{uuid.uuid4().hex[:8]}.csv"
     with open(out, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(TABLE_HEADERS)
@@ -169,8 +201,6 @@ def explain_scan(ctx: AppContext, files: Sequence[Any] | None, selected: str | N
         (gallery of (overlay PNG, caption with its faithfulness), faithfulness rows,
         downloadable files: one PNG per method and the scan's HTML report).
     """
-    from PIL import Image
-
     from lungvit.app.report import build_report
     from lungvit.core.explain import explain
 
@@ -203,7 +233,7 @@ def explain_scan(ctx: AppContext, files: Sequence[Any] | None, selected: str | N
                    f"insertion AUC {f.get('insertion_auc', float('nan')):.3f} (random "
                    f"{f.get('random_insertion_auc', float('nan')):.3f}, higher is better)")
         png = out_dir / f"{Path(name).stem}-{e.method}.png"
-        Image.fromarray(e.overlay).save(png)
+        save_png(png, e.overlay, method=e.method, target=label)
         gallery.append((str(png), caption))  # the file's name is the download's name
         rows.append([e.method, label, *(round(f.get(k, float("nan")), 4) for k in (
             "deletion_auc", "random_deletion_auc", "insertion_auc", "random_insertion_auc")),
@@ -214,7 +244,7 @@ def explain_scan(ctx: AppContext, files: Sequence[Any] | None, selected: str | N
     report.write_text(build_report(
         name=name, image=to_uint8(scan.pixels), prediction=pred.to_dict(), explanations=parts,
         model=ctx.holder.describe(), demo=ctx.holder.is_demo(),
-        version=_version()), encoding="utf-8")
+        version=_version(), report_id=uuid.uuid4().hex[:12]), encoding="utf-8")
     downloads.append(str(report))
     return gallery, rows, downloads
 

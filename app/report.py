@@ -29,7 +29,7 @@ figure{display:inline-block;margin:.5em}img{max-width:300px;image-rendering:pixe
 
 def build_report(*, name: str, image: np.ndarray, prediction: Mapping[str, Any],
                  explanations: Sequence[Mapping[str, Any]], model: str, demo: bool,
-                 version: str) -> str:
+                 version: str, report_id: str = "") -> str:
     """Render one scan's report as a standalone HTML page (images embedded).
 
     Args:
@@ -41,6 +41,8 @@ def build_report(*, name: str, image: np.ndarray, prediction: Mapping[str, Any],
         model: a line naming the model.
         demo: whether the model is the demonstration model.
         version: the LungViT version.
+        report_id: an identifier printed on the report (each report is then a distinct
+            file, which Gradio's content-addressed cache needs).
 
     Returns:
         The HTML text.
@@ -66,7 +68,8 @@ def build_report(*, name: str, image: np.ndarray, prediction: Mapping[str, Any],
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <title>LungViT report: {esc(name)}</title><style>{_CSS}</style></head><body>
 <h1>LungViT report: {esc(name)}</h1>{banner}
-<p>Model: {esc(model)} &middot; LungViT {esc(version)} &middot; {when}</p>
+<p>Model: {esc(model)} &middot; LungViT {esc(version)} &middot; {when}
+{f"&middot; report {esc(report_id)}" if report_id else ""}</p>
 <h2>What the model saw</h2><img src='{png_data_uri(image)}' alt='scan'>
 <h2>Prediction: {esc(prediction['label'])} ({prediction['confidence']:.1%})</h2>{''.join(flags)}
 <table><tr><th>class</th><th>probability</th><th></th></tr>{rows}</table>

@@ -1,6 +1,7 @@
 """Every API of the app through gradio_client: predict, explain, runs, model, fine-tune."""
 from __future__ import annotations
 
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -81,6 +82,30 @@ def test_window_presets_rerun_the_pipeline(client: Client, scans: dict[str, Path
     assert np.array_equal(np.asarray(Image.open(ct_on_dx[0]), dtype=np.int16), default)
     with pytest.raises(AppError, match="width of at least 1"):
         _view(client, [scans["dicom"]], windows.CUSTOM, None, None)
+
+
+def test_same_scan_at_once_gives_whole_files(client: Client, scans: dict[str, Path],
+                                             running_app: tuple[str, object]) -> None:
+    """Gradio rewrites a cached output file when the same content comes back, so two
+    requests for one scan must not produce byte-identical files (a reader could get a
+    half-written one); here eight clients ask for the same scan at once."""
+    first, second = _view(client, [scans["dicom"]]), _view(client, [scans["dicom"]])
+    assert Path(first[0]).read_bytes() != Path(second[0]).read_bytes()
+    assert np.array_equal(np.asarray(Image.open(first[0])), np.asarray(Image.open(second[0])))
+    errors: list[BaseException] = []
+
+    def view() -> None:
+        try:
+            _view(Client(running_app[0], verbose=False), [scans["png"]])
+        except BaseException as exc:  # collected, asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=view) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
 
 
 def test_batch_table_and_csv(client: Client, scans: dict[str, Path], tmp_path: Path) -> None:
