@@ -139,6 +139,6 @@ def build_predict_tab(ctx: AppContext, model_limit: int) -> gr.Dropdown:
     explain.click(partial(h.explain_scan, ctx),
                   [files, selected, *window_inputs, methods, target, opacity],
                   [gallery, faith, downloads], api_name="explain", **common
-                  ).then(fan_out, gallery, [*panels, *images, *captions], queue=False,
-                         api_visibility="private")
+                  ).success(fan_out, gallery, [*panels, *images, *captions], queue=False,
+                            api_visibility="private")
     return target
