@@ -21,7 +21,11 @@ images/s is the median of the timed windows. It imports only torch, timm, numpy,
 LungViT modules that need no pydicom/safetensors/captum (lightning only for its section),
 and runs from an uninstalled checkout by mapping ``lungvit`` onto the repository.
 
-GPU (one H100: about 3 minutes; ``--compile`` adds torch.compile rows, a few minutes more)::
+Sections run in that order; each failure is written into the report (exit code 1) and the
+others still run; ``--results`` is rewritten after every section.
+
+GPU (one H100; about 5 minutes with ``--compile``, under 3 without; from the repository
+root, installed or not)::
 
     python bench/bench_train.py --device cuda --compile --results bench/RESULTS-train.md
 
@@ -43,6 +47,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import types
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -195,7 +200,10 @@ def gpu_util_reader(device: str) -> Callable[[], float] | None:
         pass
     cmd = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
            f"--id={torch.cuda.current_device()}"]
-    read = lambda: float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)  # noqa: E731
+
+    def read() -> float:
+        return float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+
     try:
         read()
     except (OSError, ValueError, subprocess.CalledProcessError):
@@ -529,21 +537,32 @@ def main(argv: list[str] | None = None) -> int:
                  + ([f"- Smoke shapes: every depth set to {args.depth}"] if args.depth else [])
                  + ([f"- Note: {args.note}"] if args.note else []) + [""])
     print("\n".join(rep.lines), flush=True)
+    failed = []
     with tempfile.TemporaryDirectory(prefix="lungvit-bench-train-") as tmp:
-        if "throughput" in sections or "lightning" in sections:
-            files = write_pngs(Path(tmp) / "a", args.files, args.size)
-            if "throughput" in sections:
-                run_throughput(args, files, rep)
-            if "lightning" in sections:
-                run_lightning(args, files, rep)
-        if "flops" in sections:
-            size = VARIANTS[lungvit_model.DEFAULT_VARIANT].img_size
-            run_flops(args, write_pngs(Path(tmp) / "b", args.files, size), rep)
-    if "memory" in sections:
-        run_memory(args, rep)
-    if args.results:
-        args.results.write_text("\n".join(rep.lines) + "\n")
-    return 0
+        pngs: dict[int, Files] = {}
+
+        def files(size: int) -> Files:  # written once per input size, on first use
+            if size not in pngs:
+                pngs[size] = write_pngs(Path(tmp) / str(size), args.files, size)
+            return pngs[size]
+
+        runners: dict[str, Callable[[], None]] = {
+            "throughput": lambda: run_throughput(args, files(args.size), rep),
+            "flops": lambda: run_flops(args, files(
+                VARIANTS[lungvit_model.DEFAULT_VARIANT].img_size), rep),
+            "memory": lambda: run_memory(args, rep),
+            "lightning": lambda: run_lightning(args, files(args.size), rep)}
+        for name in (n for n in SECTIONS if n in sections):
+            try:
+                runners[name]()
+            except Exception:  # noqa: BLE001 - one failed section must not lose the others
+                failed.append(name)
+                trace = traceback.format_exc()
+                print(trace, file=sys.stderr, flush=True)
+                rep.lines += [f"## {name}: FAILED", "", "```", trace.strip()[-3000:], "```", ""]
+            if args.results:  # after every section, so a later failure or timeout keeps it
+                args.results.write_text("\n".join(rep.lines) + "\n")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

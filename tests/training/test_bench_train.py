@@ -1,4 +1,5 @@
-"""bench/bench_train.py: its parts on CPU, and a smoke run without the GPU machine's missing packages."""
+"""bench/bench_train.py: its parts on CPU, and a smoke run without the packages the GPU
+machine lacks."""
 from __future__ import annotations
 
 import importlib.util
@@ -91,6 +92,17 @@ def test_png_files_decode_and_normalise(bench: ModuleType, tmp_path: Path) -> No
     assert y.tolist() == [4, 7] and y.dtype == torch.int64
     decoded, _ = bench.PngScans(files)[0]
     assert decoded.shape == (32, 32) and decoded.dtype == torch.uint8
+
+
+def test_a_failed_section_is_reported_and_fails_the_run(bench: ModuleType, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    report = tmp_path / "report.md"
+    code = bench.main(["--device", "cpu", "--quick", "--threads", "0", "--sections", "memory",
+                       "--memory-cases", "32", "--results", str(report)])  # "32" lacks ":BATCH"
+    assert code == 1
+    text = report.read_text()
+    assert "## memory: FAILED" in text and "ValueError" in text
+    assert "ValueError" in capsys.readouterr().err
 
 
 def test_smoke_run_without_the_gpu_machines_missing_packages(tmp_path: Path) -> None:
