@@ -26,7 +26,8 @@ def hook_count(model: torch.nn.Module) -> int:
 
 
 def fused_flags(model: torch.nn.Module) -> list[bool]:
-    return [blk.attn.fused_attn for blk in model.blocks]
+    """Each block's fused flag; False too where a capture's instance-level forward was left."""
+    return [blk.attn.fused_attn and "forward" not in vars(blk.attn) for blk in model.blocks]
 
 
 def live_tensors() -> int:

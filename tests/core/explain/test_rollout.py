@@ -133,15 +133,38 @@ def test_capture_records_the_real_attention_and_restores_fused(builder: str, tin
     for blk in model.blocks:
         blk.attn.fused_attn = True
     x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        fused_logits = model(x)
     with capture_attention(model) as cap:
-        assert all(not blk.attn.fused_attn for blk in model.blocks)
+        # Every block runs an explicit softmax: the capture's own forward, or timm's unfused path.
+        assert all("forward" in vars(blk.attn) or not blk.attn.fused_attn for blk in model.blocks)
         with torch.no_grad():
-            model(x)
+            logits = model(x)
     assert all(blk.attn.fused_attn for blk in model.blocks)
+    assert all("forward" not in vars(blk.attn) for blk in model.blocks)
+    torch.testing.assert_close(logits, fused_logits, rtol=1e-4, atol=1e-5)
     want = manual_attentions(model, x)
     assert len(cap.attentions) == len(want)
     for got, exp in zip(cap.attentions, want):
+        assert got.shape == exp.shape
         torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_the_capture_cannot_reproduce_falls_back_to_timms_unfused_path() -> None:
+    model = small_vit()
+    gated = model.blocks[1].attn
+    gated.gate = torch.nn.Linear(gated.qkv.in_features, gated.attn_dim)  # timm's gated attention
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        fused_logits = model(x)
+    with capture_attention(model) as cap:
+        assert "forward" not in vars(gated) and not gated.fused_attn
+        assert "forward" in vars(model.blocks[0].attn) and model.blocks[0].attn.fused_attn
+        with torch.no_grad():
+            logits = model(x)
+    assert gated.fused_attn and len(cap.attentions) == 3
+    torch.testing.assert_close(logits, fused_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cap.attentions[1].sum(-1), torch.ones(1, 4, 65))
 
 
 def test_capture_restores_an_unfused_setting_too() -> None:
@@ -163,6 +186,7 @@ def test_hooks_removed_and_flag_restored_when_the_forward_raises() -> None:
     with pytest.raises(RuntimeError, match="boom"), capture_attention(model):
         model(torch.randn(1, 1, 32, 32))
     assert all(blk.attn.fused_attn for blk in model.blocks)
+    assert all("forward" not in vars(blk.attn) for blk in model.blocks)
     assert all(not m._forward_hooks for m in model.modules())
 
 
