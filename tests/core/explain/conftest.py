@@ -63,11 +63,16 @@ def _phantom_batch(labels: tuple[str, ...], seeds: range, cfg: PreprocessConfig)
     return x, y, ph
 
 
-def train_phantom_model(*, steps: int = 600, per_class: int = 120, seed: int = 0) -> TrainedPhantomModel:
-    """Train lungvit_tiny (32 px) on phantoms of :data:`PHANTOM_CLASSES` with AdamW."""
+def train_phantom_model(*, steps: int = 600, per_class: int = 120, seed: int = 0,
+                        phantom_offset: int = 0) -> TrainedPhantomModel:
+    """Train lungvit_tiny (32 px) on phantoms of :data:`PHANTOM_CLASSES` with AdamW.
+
+    ``seed`` fixes the initialisation and batch order; ``phantom_offset`` shifts the phantom
+    seeds of both the training and the test set (another draw of patients and lesions).
+    """
     t0 = time.perf_counter()
     cfg = PreprocessConfig(input_size=INPUT_SIZE)
-    x, y, _ = _phantom_batch(PHANTOM_CLASSES, range(per_class), cfg)
+    x, y, _ = _phantom_batch(PHANTOM_CLASSES, range(phantom_offset, phantom_offset + per_class), cfg)
     torch.manual_seed(seed)
     model = create_model("lungvit_tiny", img_size=INPUT_SIZE, num_classes=len(CLASS_NAMES))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
@@ -84,7 +89,8 @@ def train_phantom_model(*, steps: int = 600, per_class: int = 120, seed: int = 0
     model.eval()
     for p in model.parameters():
         p.grad = None
-    xt, yt, test = _phantom_batch(PHANTOM_CLASSES, range(10_000, 10_040), cfg)
+    first_test = 10_000 + phantom_offset
+    xt, yt, test = _phantom_batch(PHANTOM_CLASSES, range(first_test, first_test + 40), cfg)
     with torch.no_grad():
         acc = float((model(xt).argmax(-1) == yt).float().mean())
     return TrainedPhantomModel(model, cfg, acc, time.perf_counter() - t0, test)

@@ -91,25 +91,48 @@ def test_integrated_gradients_fixed_steps_and_escalation(tiny_lungvit) -> None:
     assert fixed.extras["delta"] == pytest.approx(float(captum_delta[0]), abs=1e-4)
 
 
-def test_gradcam_reads_tokens_that_reach_the_head(tiny_lungvit) -> None:
-    """Grad-CAM on the last block's *output* patch tokens is identically zero for a [CLS] head;
-    on the tokens entering the last attention it is not. Check against a direct computation."""
-    model = tiny_lungvit
-    x = torch.randn(1, 1, 32, 32)
-    r = compute(model, x, "gradcam", 2, ctx=CTX)
-    assert r.raw.shape == (8, 8) and float(r.raw.abs().sum()) > 0
+def _stem_activation_and_grad(model: torch.nn.Module, x: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor]:
     acts = []
-    h = gradcam_layer(model).register_forward_hook(lambda m, i, o: acts.append(o))
+    h = model.patch_embed.backbone.register_forward_hook(lambda m, i, o: acts.append(o))
     try:
         out = model(x)
     finally:
         h.remove()
-    (g,) = torch.autograd.grad(out[0, 2], acts[0])
-    tok, gt = acts[0][0, 1:].detach(), g[0, 1:]
-    want = (tok @ gt.mean(0)).reshape(8, 8)
-    torch.testing.assert_close(r.raw, want, rtol=1e-4, atol=1e-6)
-    assert r.signed  # shown as relu(raw): Grad-CAM proper
-    # The pitfall this avoids:
+    (g,) = torch.autograd.grad(out[0, target], acts[0])
+    return acts[0][0].detach(), g[0]  # (C, h, w) each
+
+
+def test_gradcam_weights_the_conv_stem_by_its_gradients(tiny_lungvit) -> None:
+    """Grad-CAM reads the conv stem (before attention mixes tokens); check both weightings
+    against a direct computation."""
+    model = tiny_lungvit
+    x = torch.randn(1, 1, 32, 32)
+    assert gradcam_layer(model) is model.patch_embed.backbone
+    r = compute(model, x, "gradcam", 2, ctx=CTX)
+    assert r.raw.shape == (8, 8) and float(r.raw.abs().sum()) > 0
+    assert r.signed and r.extras == {"weights": "positive"}  # shown as relu(raw)
+    a, g = _stem_activation_and_grad(model, x, 2)
+    assert (a >= 0).all()  # the stem ends in a ReLU
+    torch.testing.assert_close(r.raw, (a * g.clamp(min=0)).sum(0), rtol=1e-4, atol=1e-6)
+    hires = compute(model, x, "gradcam", 2, ctx=CTX, weights="elementwise")
+    torch.testing.assert_close(hires.raw, (a * g).sum(0), rtol=1e-4, atol=1e-6)
+    classic = compute(model, x, "gradcam", 2, ctx=CTX, weights="mean")
+    alpha = g.mean(dim=(1, 2))  # (C,): Selvaraju et al.'s channel weights
+    torch.testing.assert_close(classic.raw, torch.einsum("c,chw->hw", alpha, a), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="weights"):
+        compute(model, x, "gradcam", 2, ctx=CTX, weights="max")
+
+
+def test_gradcam_on_a_plain_vit_reads_the_patch_projection(vit) -> None:
+    assert gradcam_layer(vit) is vit.patch_embed.proj
+    r = compute(vit, torch.randn(1, 1, 32, 32), "gradcam", 1, ctx=CTX)
+    assert r.raw.shape == (8, 8) and torch.isfinite(r.raw).all() and float(r.raw.abs().sum()) > 0
+
+
+def test_last_block_outputs_would_give_no_gradcam(tiny_lungvit) -> None:
+    """Why not the last block: its output patch tokens never reach a [CLS] head."""
+    model = tiny_lungvit
+    x = torch.randn(1, 1, 32, 32)
     outs = []
     h = model.blocks[-1].register_forward_hook(lambda m, i, o: outs.append(o))
     try:

@@ -159,16 +159,7 @@ def phantom_explanations(phantom_model: TrainedPhantomModel) -> list[tuple[objec
     return out
 
 
-GRADCAM_ON_VIT = pytest.mark.xfail(
-    reason="Grad-CAM on the last block's tokens does not find the lesions of the phantom-trained "
-    "tiny ViT: by that block the [CLS] attention is near-uniform (max 0.03 over 64 tokens) and the "
-    "lesion evidence has been mixed into background tokens, which the pooled gradients then "
-    "weight; measured share 0.02-0.04 vs 0.06 random on two seeds (see bench/RESULTS-explain.md)",
-    strict=False)
-
-
-@pytest.mark.parametrize("method", [pytest.param(m, marks=GRADCAM_ON_VIT) if m == "gradcam" else m
-                                    for m in METHODS])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_lesion_mass_share_beats_a_random_map(phantom_explanations, method: str) -> None:
     shares = [lesion_share(es[method].map, p.mask) for p, es in phantom_explanations]
     # A random map puts the mask's area fraction inside it, in expectation.
