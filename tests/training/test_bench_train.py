@@ -40,6 +40,22 @@ def test_step_flops_counts_forward_and_backward_matmuls(bench: ModuleType) -> No
     assert bench.step_flops(model, side, batch, "cpu") == 4 * batch * side * side * classes
 
 
+def test_step_flops_of_a_lungvit_match_the_hand_count(bench: ModuleType) -> None:
+    # lungvit_tiny at 64 px: stem 1-16-16-32-32 (strides 1, 1, 2, 2) -> 16x16 grid, N = 257
+    # tokens of width 64; 4 blocks of 4 heads x 16 (inner 64), MLP 128; head 64 -> 9.
+    n, d, inner, heads, head_dim, mlp = 257, 64, 64, 4, 16, 128
+    stem = 2 * 9 * (64 * 64 * 16 * 1 + 64 * 64 * 16 * 16 + 32 * 32 * 32 * 16 + 16 * 16 * 32 * 32)
+    embed = 2 * 16 * 16 * 64 * 32  # the 1x1 projection to tokens
+    block = (2 * n * d * 3 * inner + 2 * 2 * heads * n * n * head_dim + 2 * n * inner * d
+             + 2 * 2 * n * d * mlp)
+    forward = stem + embed + 4 * block + 2 * d * 9
+    first_conv = 2 * 9 * 64 * 64 * 16  # its input needs no gradient: no grad-input conv
+    expected = 3 * forward - first_conv  # backward: grad-input + grad-weight per layer
+    model = bench.create_model("lungvit_tiny")
+    assert bench.step_flops(model, 64, 1, "cpu") == expected
+    assert bench.step_flops(model, 64, 3, "cpu") == 3 * expected  # linear in the batch
+
+
 def test_memory_case_reports_oom_and_recovers(bench: ModuleType) -> None:
     class Boom(nn.Module):
         def __init__(self) -> None:
