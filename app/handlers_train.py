@@ -62,18 +62,20 @@ def preview_dataset(ctx: AppContext, folder: str | None, archive: Any
     from lungvit.training.data import preview
 
     root = _dataset_dir(ctx, folder, archive)
-    info = preview(root)
     defaults = TrainConfig(data=str(root), out="")
+    info = preview(root, val_frac=defaults.val_frac, test_frac=defaults.test_frac,
+                   seed=defaults.seed)
     rows = []
     for label, n in info["counts"].items():
-        n_val = round(n * defaults.val_frac)
-        n_test = round(n * defaults.test_frac)
-        note = "too few images: left out" if label in info["too_small"] else ""
-        rows.append([label, n, n - n_val - n_test, n_val, n_test, note])
-    lines = [f"**{len(info['classes'])} classes, {info['total']} usable images** "
-             f"(split about {1 - defaults.val_frac - defaults.test_frac:.0%} train / "
-             f"{defaults.val_frac:.0%} validation / {defaults.test_frac:.0%} test, "
-             "by patient where known)."]
+        if label in info["too_small"]:
+            rows.append([label, n, 0, 0, 0, "too few images: left out"])
+        else:
+            part = info["split"][label]
+            rows.append([label, n, part["train"], part["val"], part["test"], ""])
+    lines = [f"**{len(info['classes'])} classes, {info['total']} usable images**, split "
+             f"{1 - defaults.val_frac - defaults.test_frac:.0%} train / "
+             f"{defaults.val_frac:.0%} validation / {defaults.test_frac:.0%} test per class, "
+             "by patient where known (the table shows the split the run will make)."]
     if info["unreadable"]:
         examples = ", ".join(html.escape(Path(p).name) for p, _ in info["unreadable_examples"][:5])
         lines.append(f"{info['unreadable']} files will be skipped as unreadable (e.g. {examples}).")

@@ -11,7 +11,7 @@ kind of batch: float32 (B, 1, S, S) normalised with (x - mean) / std and int64 l
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from lungvit.training.augment import AugmentConfig, augment_batch
 from lungvit.training.cache import SCALE, CacheResult, PreprocessCache, default_cache_dir
 from lungvit.training.data import DatasetError, DatasetIndex, check_classes, discover
 from lungvit.training.splits import (SPLITS, apply_split_manifest, load_split_manifest,
-                                     save_split_manifest, split_indices)
+                                     save_split_manifest, split_index)
 
 
 class CachedScans(Dataset):
@@ -190,11 +190,8 @@ class ScanDataModule(L.LightningDataModule):
         keys = [s.patient_key for s in index.samples]
         if self.split_manifest is not None and self.split_manifest.exists():
             return apply_split_manifest(paths, keys, load_split_manifest(self.split_manifest))
-        # A file without a patient key is its own group, named by its path so the split
-        # does not depend on which other files exist.
-        groups: list[Hashable] = [k if k is not None else ("file", p) for k, p in zip(keys, paths)]
-        splits = split_indices([s.label for s in index.samples], groups, val_frac=self.val_frac,
-                               test_frac=self.test_frac, seed=self.seed)
+        splits = split_index(index, val_frac=self.val_frac, test_frac=self.test_frac,
+                             seed=self.seed)
         if self.split_manifest is not None:
             save_split_manifest(self.split_manifest, index, splits)
         return splits, []

@@ -99,6 +99,26 @@ def split_indices(labels: Sequence[str], groups: Sequence[Hashable | None], *,
     return {s: sorted(v) for s, v in out.items()}
 
 
+def split_index(index: DatasetIndex, *, val_frac: float = 0.15, test_frac: float = 0.15,
+                seed: int = 0) -> dict[str, list[int]]:
+    """:func:`split_indices` over a dataset index, grouped by the patient keys it holds.
+
+    A sample without a patient key is its own group, named by its relative path, so the
+    split of a file does not depend on which other files exist.
+
+    Args:
+        index: the listed dataset.
+        val_frac, test_frac, seed: as for :func:`split_indices`.
+
+    Returns:
+        {"train": [...], "val": [...], "test": [...]}: sorted indices into ``index.samples``.
+    """
+    groups: list[Hashable] = [s.patient_key if s.patient_key is not None
+                              else ("file", index.relpath(s.path)) for s in index.samples]
+    return split_indices([s.label for s in index.samples], groups, val_frac=val_frac,
+                         test_frac=test_frac, seed=seed)
+
+
 def apply_split_manifest(paths: Sequence[str], groups: Sequence[Hashable | None],
                          saved: dict[str, list[str]]) -> tuple[dict[str, list[int]], list[int]]:
     """Reuse a saved split for the current samples.

@@ -18,7 +18,7 @@ from lungvit.core.phantoms import CLASS_NAMES
 from lungvit.core.preprocess import PreprocessConfig
 from lungvit.training.augment import AugmentConfig, augment_batch
 from lungvit.training.cache import SCALE
-from lungvit.training.data import DatasetError, discover
+from lungvit.training.data import DatasetError, discover, preview
 from lungvit.training.datamodule import ScanDataModule
 from lungvit.training.splits import load_split_manifest
 
@@ -84,6 +84,15 @@ def test_end_to_end_batches(demo: Path, cache_dir: Path) -> None:
     info = dm.summary()
     assert info["classes"] == dm.classes and info["fingerprint"] == dm.fingerprint
     assert sum(info["split_sizes"].values()) == 54
+
+
+def test_preview_shows_the_split_the_run_makes(demo: Path, cache_dir: Path) -> None:
+    for seed in (0, 3):
+        dm = _module(demo, cache_dir, seed=seed)
+        info = preview(demo, seed=seed, val_frac=dm.val_frac, test_frac=dm.test_frac)
+        made = {c: {s: dm.class_counts[s][c] for s in ("train", "val", "test")} for c in dm.classes}
+        assert info["split"] == made, seed
+        assert all(sum(v.values()) == 6 for v in info["split"].values())
 
 
 def test_only_the_training_loader_augments(demo: Path, cache_dir: Path) -> None:
