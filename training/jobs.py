@@ -76,7 +76,7 @@ class JobRequest:
         mlflow_uri: also log metrics to this MLflow tracking URI (needs ``mlflow``).
         fault_injection: tests only: ``{"rank": r, "step": s}`` makes worker r exit hard
             at step s, once; ``{"kill_job_at_checkpoint": s}`` SIGKILLs the job process
-            right after checkpoint s is stored, once.
+            and rank 0 right after checkpoint s is stored, once.
     """
 
     train: dict[str, Any]

@@ -287,7 +287,7 @@ class TrainSpec:
         resume_from: a Lightning checkpoint to continue from, unless Ray has a newer one.
         fault: test hooks: {"rank": r, "step": s}: worker r exits hard at step s, once;
             {"kill_job_at_checkpoint": s}: once checkpoint s is in the store, rank 0
-            SIGKILLs the job process (``owner_pid``), once.
+            SIGKILLs the job process (``owner_pid``), then itself, once.
         owner_pid, owner_host: the job process that runs this (a restart of the workers
             counts as a new attempt only while the job is still that process's).
     """
@@ -511,15 +511,18 @@ class FailOnce(Callback):
 
 def _kill_job_after(record: Callable[[int, str, float | None], None], step: int, pid: int,
                     marker: Path) -> Callable[[int, str, float | None], None]:
-    """Test hook: ``record``, then SIGKILL of the job process once checkpoint ``step`` is
-    recorded (the moment a killed job is the likeliest to lose what followed)."""
+    """Test hook: ``record``, then, once checkpoint ``step`` is recorded, SIGKILL of the job
+    process and of this worker (rank 0), so that nothing more reaches the store: whatever
+    of that step it still lacked would be lost to a resume from that checkpoint. The other
+    workers are left to die with the job (Ray ties them to it)."""
     def record_then_kill(at: int, path: str, val_loss: float | None) -> None:
         record(at, path, val_loss)
         if at == step and not marker.exists():
-            marker.write_text(f"job process {pid} killed after checkpoint {at}\n")
-            sys.stderr.write(f"fault injection: killing the job process {pid}\n")
+            marker.write_text(f"job process {pid} and rank 0 killed after checkpoint {at}\n")
+            sys.stderr.write(f"fault injection: killing the job process {pid} and rank 0\n")
             sys.stderr.flush()
             os.kill(pid, signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
     return record_then_kill
 
 
