@@ -110,19 +110,43 @@ def grad_rollout_method(model: nn.Module, x: torch.Tensor, target: int, *, ctx: 
 
 def integrated_gradients(model: nn.Module, x: torch.Tensor, target: int, *, ctx: AttributionContext,
                          n_steps: int | None = None, method: str = "gausslegendre",
-                         start_steps: int = 6, max_steps: int = 48, rel_tol: float = 0.01,
-                         internal_batch_size: int = 32) -> RawAttribution:
-    """Integrated Gradients from the black baseline, with an adaptive number of steps.
+                         start_steps: int = 6, segment_steps: int = 2, max_steps: int = 64,
+                         rel_tol: float = 0.01, internal_batch_size: int = 32,
+                         focus: float = 2.0) -> RawAttribution:
+    """Integrated Gradients from the black baseline, by adaptive composite quadrature.
 
-    With ``n_steps=None`` the step count starts at ``start_steps`` and doubles until the
-    convergence delta (sum of attributions minus ``f(x) - f(baseline)``) is within
-    ``rel_tol`` of ``|f(x)|`` (the target logit) or ``max_steps`` is reached. Gauss-Legendre
-    quadrature converges in far fewer steps than a Riemann sum (6 steps gave |delta| under
-    0.25 % of the logit on every scan measured; see bench/RESULTS-explain.md). Steps run in
-    batches of at most ``internal_batch_size`` to bound memory.
+    The path from the baseline ``b`` to ``x`` is cut into segments, and Captum's
+    IntegratedGradients runs on each segment (from ``b + a0 (x - b)`` to ``b + a1 (x - b)``);
+    the segments' attributions add up to the whole path's. Completeness holds on every
+    segment, so each one's own convergence delta, ``sum(attr_k) - (f(a1) - f(a0))``, is
+    known from two forward passes, and the segments that carry the error are the ones
+    refined:
 
-    Extras: ``delta`` (signed), ``relative_delta`` (``|delta| / |f(x)|``), ``n_steps``,
-    ``converged``, ``logit`` and ``baseline_logit``.
+    1. one segment, ``start_steps`` Gauss-Legendre nodes (enough for smooth paths: random
+       weights reach |delta| < 0.25 % of the logit with 6);
+    2. while ``|delta|`` (the sum of the segments' deltas) exceeds ``rel_tol * |f(x)|``,
+       bisect the segments whose |delta_k| exceeds both an even share of that tolerance and
+       ``1 / focus`` of the worst segment's, worst first, each half with ``segment_steps``
+       Gauss-Legendre nodes (2: exact for cubics); the endpoint logits of new segments come
+       from one batched forward pass;
+    3. stop unconverged once another bisection would exceed ``max_steps`` gradient
+       evaluations (all rounds counted, discarded ones included).
+
+    Why: on trained models the logit along the black-to-scan path is far from smooth (dim
+    scans are far from the training data): on the phantom-trained test models it falls
+    steeply in the first 2-5 % of the path and wiggles after it, with a total variation
+    about five times its net change. A single rule of any order spends its nodes where
+    nothing happens; doubling one Gauss-Legendre rule hit its 48-node cap (90 evaluations
+    in all) on nearly every lesion scan of five such models, while this refinement converged
+    on 34 of 40 within 64 evaluations (median |delta| 0.4-0.8 % of the logit per model).
+    Where it does not converge, ``converged`` is False and ``delta`` says by how much.
+
+    With ``n_steps`` given, one rule of that many steps runs, without adaptation (Captum's
+    own IG exactly). Steps run in batches of at most ``internal_batch_size``.
+
+    Extras: ``delta`` (signed, Captum's definition), ``relative_delta`` (``|delta| / |f(x)|``),
+    ``n_steps`` (path points in the final rule), ``evaluations`` (gradient evaluations spent),
+    ``segments``, ``converged``, ``logit`` and ``baseline_logit``.
     """
     ig = IntegratedGradients(_forward(model))
     baseline = ctx.baseline(x)
@@ -130,18 +154,44 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target: int, *, ctx:
         ends = model(torch.cat([x, baseline]))[:, target].double().cpu()
     logit, base_logit = float(ends[0]), float(ends[1])
     tol = rel_tol * max(abs(logit), 1e-6)
-    steps = n_steps or start_steps
+
+    def on_path(alphas: list[float]) -> torch.Tensor:
+        a = torch.tensor(alphas, dtype=x.dtype, device=x.device).view(-1, 1, 1, 1)
+        return baseline + a * (x - baseline)  # (K, C, S, S)
+
+    f = {0.0: base_logit, 1.0: logit}  # the target logit at path positions
+    done: dict[tuple[float, float], tuple[torch.Tensor, float, int]] = {}  # (a0, a1) -> (attr, delta, nodes)
+    pending, steps, evaluations = [(0.0, 1.0)], n_steps or start_steps, 0
     while True:
-        # The delta is computed here from the end-point logits above (Captum's own
-        # return_convergence_delta would run the same two forward passes again).
-        attr = ig.attribute(x, baselines=baseline, target=target, n_steps=steps, method=method,
-                            internal_batch_size=min(steps, internal_batch_size))
-        d = float(attr.detach().double().sum()) - (logit - base_logit)
-        if n_steps is not None or abs(d) <= tol or steps >= max_steps:
+        lo, hi = [a for a, _ in pending], [b for _, b in pending]
+        attr = ig.attribute(on_path(hi), baselines=on_path(lo), target=target, n_steps=steps, method=method,
+                            internal_batch_size=max(len(pending), min(len(pending) * steps, internal_batch_size)))
+        evaluations += len(pending) * steps
+        sums = attr.detach().double().flatten(1).sum(1).cpu()  # (K,)
+        for k, seg in enumerate(pending):
+            done[seg] = (attr[k:k + 1].detach(), float(sums[k]) - (f[seg[1]] - f[seg[0]]), steps)
+        d = sum(v[1] for v in done.values())
+        if n_steps is not None or abs(d) <= tol:
             break
-        steps = min(steps * 2, max_steps)
-    return RawAttribution(_reduce_channels(attr), signed=True, extras={
-        "delta": d, "relative_delta": abs(d) / max(abs(logit), 1e-12), "n_steps": steps,
+        # Bisect the segments that carry most of the error: above an even share of the
+        # tolerance and within a factor ``focus`` of the worst one, worst first.
+        share = max(tol / len(done), max(abs(v[1]) for v in done.values()) / focus)
+        worst = sorted((seg for seg, v in done.items() if abs(v[1]) >= share), key=lambda s: -abs(done[s][1]))
+        budget = (max_steps - evaluations) // (2 * segment_steps)
+        if not worst or budget < 1:
+            break
+        split = worst[:budget]
+        mids = [(a + b) / 2 for a, b in split]
+        with torch.no_grad():
+            f.update(zip(mids, model(on_path(mids))[:, target].double().cpu().tolist()))
+        pending, steps = [], segment_steps
+        for (a, b), m in zip(split, mids):
+            del done[(a, b)]
+            pending += [(a, m), (m, b)]
+    total = torch.cat([v[0] for v in done.values()]).sum(dim=0, keepdim=True)  # (1, C, S, S)
+    return RawAttribution(_reduce_channels(total), signed=True, extras={
+        "delta": d, "relative_delta": abs(d) / max(abs(logit), 1e-12),
+        "n_steps": sum(v[2] for v in done.values()), "evaluations": evaluations, "segments": len(done),
         "method": method, "converged": abs(d) <= tol, "logit": logit, "baseline_logit": base_logit})
 
 

@@ -76,19 +76,42 @@ def test_integrated_gradients_completeness(tiny_lungvit) -> None:
     assert r.extras["baseline_logit"] == pytest.approx(float(logits[1, target]), abs=1e-4)
 
 
-def test_integrated_gradients_fixed_steps_and_escalation(tiny_lungvit) -> None:
+def test_integrated_gradients_fixed_steps_and_the_budget(tiny_lungvit) -> None:
     x = torch.randn(1, 1, 32, 32)
     fixed = compute(tiny_lungvit, x, "ig", 0, ctx=CTX, n_steps=4)
-    assert fixed.extras["n_steps"] == 4
-    strict = compute(tiny_lungvit, x, "ig", 0, ctx=CTX, rel_tol=1e-9, start_steps=4, max_steps=16)
-    assert strict.extras["n_steps"] == 16  # kept doubling to the cap
-    assert strict.extras["converged"] is False
+    assert fixed.extras["n_steps"] == 4 and fixed.extras["segments"] == 1
+    strict = compute(tiny_lungvit, x, "ig", 0, ctx=CTX, rel_tol=1e-9, start_steps=4, segment_steps=4,
+                     max_steps=16)
+    # 4 nodes, then one bisection (8 more); a second would pass the 16-evaluation budget.
+    assert strict.extras["evaluations"] == 12 and strict.extras["segments"] == 2
+    assert strict.extras["n_steps"] == 8 and strict.extras["converged"] is False
     # The delta reported is Captum's own definition.
     from captum.attr import IntegratedGradients
 
     _, captum_delta = IntegratedGradients(tiny_lungvit).attribute(
         x, baselines=torch.full_like(x, -1.0), target=0, n_steps=4, return_convergence_delta=True)
     assert fixed.extras["delta"] == pytest.approx(float(captum_delta[0]), abs=1e-4)
+
+
+class StepOnThePath(torch.nn.Module):
+    """Class 0's logit jumps by 10 where the mean brightness crosses 0.8 (a sharp step)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = 10.0 * torch.sigmoid(60.0 * (x.mean(dim=(1, 2, 3)) - 0.8))  # (B,)
+        return torch.stack([z, torch.zeros_like(z)], dim=1)
+
+
+def test_integrated_gradients_refines_where_the_path_jumps() -> None:
+    model = StepOnThePath()
+    x = torch.ones(1, 1, 8, 8)  # the path from -1 to 1 crosses the step at 90 % of the way
+    want = float(model(x)[0, 0] - model(-x)[0, 0])
+    one_rule = compute(model, x, "ig", 0, ctx=CTX, n_steps=16)
+    assert abs(one_rule.extras["delta"]) > 0.01 * want  # 16 nodes in one rule miss the step
+    r = compute(model, x, "ig", 0, ctx=CTX)
+    assert r.extras["converged"] and r.extras["evaluations"] <= 64, r.extras
+    assert r.extras["segments"] > 1
+    assert float(r.raw.double().sum()) == pytest.approx(want, abs=abs(r.extras["delta"]) + 1e-6)
+    assert abs(r.extras["delta"]) <= 0.01 * abs(float(model(x)[0, 0]))
 
 
 def _stem_activation_and_grad(model: torch.nn.Module, x: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor]:
