@@ -175,15 +175,22 @@ def test_default_run_dir_is_versioned(tmp_path: Path, monkeypatch: pytest.Monkey
 EASY_CLASSES = ("lung-normal", "lung-opacity", "lung-oct-normal", "lung-oct-cnv")
 
 
-@pytest.mark.slow
 def test_a_short_run_learns_the_phantoms(tmp_path: Path) -> None:
-    # A small ViT from scratch first separates the two modalities and needs several hundred
-    # optimizer steps to pick up the findings, and when it does varies from run to run:
-    # many cheap steps (32 px, batch 16). Minutes on two cores, hence slow; the tests
-    # above run every piece of the pipeline for real on fewer steps.
-    data = _demo_data(tmp_path / "easy", 100, size=64, seed=2, classes=EASY_CLASSES)
-    result = fit(_cfg(data, tmp_path, "learn", epochs=60, batch_size=16, lr=1e-3,
-                      val_every_n_steps=100, augment=False), progress=False)
+    # A small ViT from scratch first separates the two modalities (50%) and needs several
+    # hundred optimizer steps to pick up the findings. With 100 images per class it
+    # overfitted before it generalised and some seeds stalled near 0.6; with 250 per class
+    # it passed 0.8 by step 400-700 and ended at 0.97-0.98 on the seeds tried. About 1,100
+    # cheap steps (32 px, batch 16): about a minute on one idle core. One torch thread:
+    # a model this small gains nothing from two, and two threads thrash when the machine
+    # is busy (over 10 minutes then, against 6 with one).
+    data = _demo_data(tmp_path / "easy", 250, size=64, seed=2, classes=EASY_CLASSES)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = fit(_cfg(data, tmp_path, "learn", epochs=25, batch_size=16, lr=1e-3,
+                          val_every_n_steps=100, augment=False), progress=False)
+    finally:
+        torch.set_num_threads(threads)
     assert result.metrics["acc"] >= 0.8, result.metrics["acc"]  # validation split
     assert result.test_metrics["acc"] >= 0.7, result.test_metrics["acc"]
     assert result.test_metrics["ece"] <= result.test_metrics_uncalibrated["ece"] + 0.05
