@@ -150,6 +150,28 @@ def test_capture_records_the_real_attention_and_restores_fused(builder: str, tin
         torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("fusion", ["mean", "max", "min"])
+def test_capture_can_fuse_heads_on_the_fly(fusion: str) -> None:
+    model = small_vit(num_heads=8)  # two blocks of heads per layer
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        fused_logits = model(x)
+        with capture_attention(model) as full:
+            model(x)
+        with capture_attention(model, head_fusion=fusion) as cap:
+            logits = model(x)
+    torch.testing.assert_close(logits, fused_logits, rtol=1e-4, atol=1e-5)
+    assert len(cap.attentions) == len(full.attentions) == 3
+    for got, a in zip(cap.attentions, full.attentions):
+        assert got.shape == (2, 1, 65, 65)
+        torch.testing.assert_close(got[:, 0], fuse_heads(a, fusion), rtol=1e-5, atol=1e-7)
+    with capture_attention(model, head_fusion=fusion) as graded:  # grad on: the hook fuses
+        model(x)
+    torch.testing.assert_close(graded.attentions[0], cap.attentions[0], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError), capture_attention(model, head_fusion="median"):
+        pass
+
+
 def test_attention_the_capture_cannot_reproduce_falls_back_to_timms_unfused_path() -> None:
     model = small_vit()
     gated = model.blocks[1].attn
