@@ -184,8 +184,9 @@ def bench_variant(variant: str, *, repeats: int, methods: list[str], ref_ig: boo
             row["ours_wall"] = float(oout)  # the scoring alone
         if name == "ig":
             e = oout["ig"]
-            row["ours_note"] = (f"{e.extras['n_steps']} Gauss-Legendre steps, |delta| = "
-                                f"{e.extras['relative_delta']:.2%} of the logit")
+            row["ours_note"] = (f"{e.extras['evaluations']} gradient evaluations ({e.extras['segments']} "
+                                f"Gauss-Legendre segment(s)), |delta| = {e.extras['relative_delta']:.2%} of the "
+                                f"logit{'' if e.extras['converged'] else ', NOT converged'}")
         if theirs is not None:
             tw, tc, tout = measure(theirs, reps if name != "ig" else 1)
             row["ref_wall"], row["ref_cpu"] = statistics.median(tw), statistics.median(tc)
@@ -233,14 +234,14 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def quality(n_per_class: int) -> str:
+def quality(n_per_class: int, seed: int = 0, phantom_offset: int = 0) -> str:
     """Faithfulness of every method on phantoms, with the tiny model the tests train."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.core.explain.conftest import LESION_CLASSES, train_phantom_model
 
     from lungvit.core.explain import lesion_share, randomization_check
 
-    trained = train_phantom_model()
+    trained = train_phantom_model(seed=seed, phantom_offset=phantom_offset)
     phantoms = [p for lab in LESION_CLASSES
                 for p in [q for q in trained.test_phantoms if q.label == lab][:n_per_class]]
     share: dict[str, list[float]] = {m: [] for m in METHODS}
@@ -251,7 +252,8 @@ def quality(n_per_class: int) -> str:
         es = explain(trained.model, p.image, preprocess=trained.preprocess, methods=list(METHODS),
                      target=p.label_index)
         rnd_share.append(float(p.mask.mean()))
-        ig_delta.append((es["ig"].extras["relative_delta"], es["ig"].extras["n_steps"]))
+        ig_delta.append((es["ig"].extras["relative_delta"], es["ig"].extras["evaluations"],
+                         es["ig"].extras["converged"]))
         for e in es:
             f = e.faithfulness
             share[e.method].append(lesion_share(e.map, p.mask))
@@ -263,7 +265,7 @@ def quality(n_per_class: int) -> str:
                 r = randomization_check(trained.model, x, m, target=p.label_index, preprocess=trained.preprocess)
                 rand_rho[m].append(r.correlations["all"])
     lines = [
-        "", "## Faithfulness on phantoms (`--quality`)", "",
+        "", f"## Faithfulness on phantoms (`--quality`, training seed {seed}, phantom offset {phantom_offset})", "",
         f"Tiny model trained as the tests train it (lungvit_tiny at 32 px, {', '.join(LESION_CLASSES)} and "
         f"normal phantoms; test accuracy {trained.accuracy:.2f}, {trained.seconds:.0f} s to train here); "
         f"{len(phantoms)} lesion phantoms, each explained for its true class. Random map's lesion share = "
@@ -280,7 +282,8 @@ def quality(n_per_class: int) -> str:
                      f"{', '.join(f'{r:+.2f}' for r in rand_rho[m])} |")
     d = np.array(ig_delta)
     lines += ["", f"Integrated Gradients on this model: |delta| / |logit| median {np.median(d[:, 0]):.2%}, "
-              f"max {d[:, 0].max():.2%}; steps used {sorted(int(s) for s in d[:, 1])} (adaptive, cap 48)."]
+              f"max {d[:, 0].max():.2%}; converged on {int(d[:, 2].sum())} of {len(d)}; gradient evaluations "
+              f"{sorted(int(s) for s in d[:, 1])} (adaptive, budget 64)."]
     return "\n".join(lines) + "\n"
 
 
@@ -300,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", help="write a markdown table here")
     p.add_argument("--quality", type=int, default=0, metavar="N",
                    help="also score every method on N lesion phantoms per class with the tests' tiny model")
+    p.add_argument("--quality-models", default="0:0", metavar="SEED:OFFSET,...",
+                   help="phantom models for --quality: training seed and phantom-set offset of each "
+                        "(e.g. 0:0,1:0,0:1000,1:2000,3:3000)")
     p.add_argument("--skip-latency", action="store_true", help="only the --quality part")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -315,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
                                      ig_batch_ref=args.reference_ig_batch))
     md = markdown(results, args) if results else ""
     if args.quality:
-        md += quality(args.quality)
+        for pair in args.quality_models.split(","):
+            seed, offset = (int(v) for v in pair.split(":"))
+            md += quality(args.quality, seed=seed, phantom_offset=offset)
     print(md)
     if args.results:
         with open(args.results, "w") as f:
