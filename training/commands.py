@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="checkpoint to write (.safetensors)")
     model = p.add_argument_group("model")
     model.add_argument("--variant", metavar="V", help="model variant, e.g. lungvit_tiny or "
-                       "lungvit_s128 (default: the standard variant; a wrong name lists them)")
+                       "lungvit_s128 (default: lungvit_tiny, chosen by measurement; a wrong "
+                       "name lists them)")
     model.add_argument("--from", dest="from_model", metavar="MODEL",
                        help="fine-tune from this checkpoint; its head is remapped by label")
     model.add_argument("--input-size", type=int, metavar="N",

@@ -56,6 +56,8 @@ def test_help_names_every_option() -> None:
                    "--val-every", "--checkpoint-every", "--freeze-stem-epochs",
                    "--loader-workers", "--run-dir", "--resume", "--fast-dev-run"):
         assert option in out.stdout, option
+    from lungvit.core.model import DEFAULT_VARIANT  # the help names the real default
+    assert f"default: {DEFAULT_VARIANT}" in " ".join(out.stdout.split())
 
 
 def test_bad_settings_exit_3_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
