@@ -81,7 +81,11 @@ def _table(es: Any, labels: tuple[str, ...]) -> str:
         ins = f"{f['insertion_auc']:.3f} / {f['random_insertion_auc']:.3f}" if f else "-"
         note = ""
         if "delta" in e.extras:
-            note = f"IG delta {e.extras['relative_delta']:.2%} of logit, {e.extras['n_steps']} steps"
+            x = e.extras
+            note = (f"IG delta {x['relative_delta']:.2%} of logit, "
+                    f"{x.get('evaluations', x['n_steps'])} gradient evaluations")
+            if x.get("converged") is False:
+                note += ", NOT converged (delta above 1%: read the map with care)"
         lines.append(f"{e.method:<14}{e.seconds:>8.2f}  {dele:>18}  {ins:>18}  {note}")
     lines.append("(faithful maps: deletion AUC below random, insertion AUC above)")
     return "\n".join(lines)

@@ -192,6 +192,9 @@ def test_cli_explain_table_and_errors(cli_inputs, tmp_path, capsys) -> None:
     assert main(["explain", str(png), "--model", str(ckpt), "--method", "gradcam", "--target", "2"]) == 0
     text = capsys.readouterr().out
     assert "explaining lung-oct-cnv" in text and "gradcam" in text and "random" in text
+    assert main(["explain", str(png), "--model", str(ckpt), "--method", "ig"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("ig "))
+    assert "IG delta" in line and "gradient evaluations" in line
     assert main(["explain", str(png), "--model", str(ckpt), "--method", "lime"]) == 2
     assert "unknown method" in capsys.readouterr().err
     assert main(["explain", str(png), "--model", str(ckpt), "--target", "lung-unicorn"]) == 2
