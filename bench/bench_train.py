@@ -385,7 +385,7 @@ def step_flops(model: nn.Module, size: int, batch: int, device: str) -> int:
 
 def run_flops(args: argparse.Namespace, files: Files, rep: Report) -> None:
     dev, b = args.device, args.flops_batch
-    name = lungvit_model.DEFAULT_VARIANT  # read at run time: it may change
+    name = args.flops_variant or lungvit_model.DEFAULT_VARIANT  # read at run time
     size = VARIANTS[name].img_size
     peak = matmul_peak_flops(dev, 8192 if dev == "cuda" else 512, 20 if dev == "cuda" else 5)
     per_image = step_flops(create_model(name, **_over(args)), size, 2, dev) / 2  # linear in B
@@ -487,6 +487,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--size", type=int, default=64, help="input side of the throughput rows (64)")
     add("--batch", type=int, help="throughput batch (256; quick 8)")
     add("--flops-batch", type=int, help="batch of the FLOP/s rows (512; quick 2)")
+    add("--flops-variant", choices=sorted(VARIANTS),
+        help="variant of the FLOP/s rows (default: the default variant)")
     add("--depth", type=int, help="override every model's depth (smoke tests only)")
     add("--files", type=int, help="PNG files written (4096; quick 48)")
     add("--workers", type=int, help="loader workers (CPUs - 2, at most 12; quick 1)")
@@ -553,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         runners: dict[str, Callable[[], None]] = {
             "throughput": lambda: run_throughput(args, files(args.size), rep),
             "flops": lambda: run_flops(args, files(
-                VARIANTS[lungvit_model.DEFAULT_VARIANT].img_size), rep),
+                VARIANTS[args.flops_variant or lungvit_model.DEFAULT_VARIANT].img_size), rep),
             "memory": lambda: run_memory(args, rep),
             "lightning": lambda: run_lightning(args, files(args.size), rep)}
         for name in (n for n in SECTIONS if n in sections):
