@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lungvit.core.stats import average_ranks
+
 
 def _check(scores: torch.Tensor, targets: torch.Tensor) -> None:
     if scores.ndim != 2 or targets.ndim != 1 or scores.shape[0] != targets.shape[0]:
@@ -80,23 +82,6 @@ def balanced_accuracy(cm: torch.Tensor) -> float:
     return recall[present].mean().item() if present.any() else math.nan
 
 
-def _average_ranks(x: torch.Tensor) -> torch.Tensor:
-    """1-based ranks of ``x`` (N,), tied values sharing the mean of their ranks."""
-    order = torch.argsort(x, stable=True)
-    xs = x[order]
-    # Group boundaries of equal values in sorted order.
-    new_group = torch.ones_like(xs, dtype=torch.bool)
-    new_group[1:] = xs[1:] != xs[:-1]
-    group_id = torch.cumsum(new_group.long(), 0) - 1  # (N,)
-    positions = torch.arange(1, len(x) + 1, dtype=torch.float64)
-    sums = torch.zeros(int(group_id[-1]) + 1, dtype=torch.float64)
-    sums.index_add_(0, group_id, positions)
-    counts = torch.bincount(group_id).double()
-    ranks = torch.empty_like(positions)
-    ranks[order] = (sums / counts)[group_id]
-    return ranks
-
-
 def roc_auc_ovr(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-class one-vs-rest ROC-AUC (C,), float64; NaN where a class cannot be scored.
 
@@ -114,7 +99,7 @@ def roc_auc_ovr(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         n_neg = n - n_pos
         if n_pos == 0 or n_neg == 0:
             continue
-        ranks = _average_ranks(probs[:, k].double())
+        ranks = average_ranks(probs[:, k].double())
         out[k] = (ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
     return out
 

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lungvit.core.stats import average_ranks
+
 # ----------------------------------------------------------------------------- deletion / insertion
 
 
@@ -138,22 +140,11 @@ def deletion_insertion(model: nn.Module, x: torch.Tensor, saliencies: Sequence[t
 
 def spearman(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
     """Spearman rank correlation of two maps (average ranks for ties); NaN if one is constant."""
-    ra, rb = _avg_ranks(np.asarray(a, dtype=np.float64).ravel()), _avg_ranks(np.asarray(b, dtype=np.float64).ravel())
+    ra, rb = (average_ranks(torch.as_tensor(np.asarray(v, dtype=np.float64).ravel())).numpy()
+              for v in (a, b))
     ra, rb = ra - ra.mean(), rb - rb.mean()
     den = float(np.sqrt((ra * ra).sum() * (rb * rb).sum()))
     return float((ra * rb).sum() / den) if den > 0 else float("nan")
-
-
-def _avg_ranks(v: np.ndarray) -> np.ndarray:
-    order = np.argsort(v, kind="mergesort")
-    sv = v[order]
-    ranks = np.empty(v.size, dtype=np.float64)
-    # Tie groups share the mean of the positions they span.
-    starts = np.r_[0, np.flatnonzero(np.diff(sv)) + 1]
-    ends = np.r_[starts[1:], v.size]
-    for s, e in zip(starts, ends):
-        ranks[order[s:e]] = (s + e - 1) / 2.0
-    return ranks
 
 
 def _reinit(module: nn.Module, seed: int) -> None:
