@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "insertion AUC than a random map, shown beside it.",
         epilog="methods: rollout (attention rollout), grad_rollout (class-specific rollout), "
         "ig (Integrated Gradients), gradient_shap, smoothgrad (saliency + SmoothGrad), "
-        "occlusion, gradcam (Grad-CAM on the token grid); 'all' for every one.")
+        "occlusion, gradcam (Grad-CAM on the conv stem's feature map, LayerCAM weighting); "
+        "'all' for every one.")
     p.add_argument("file", metavar="FILE", help="the scan (DICOM, PNG or JPEG)")
     p.add_argument("--model", metavar="MODEL",
                    help="checkpoint (.safetensors, or a reference-design .pth); default: the bundled demo model")
@@ -83,8 +84,8 @@ def _table(es: Any, labels: tuple[str, ...]) -> str:
         if "delta" in e.extras:
             x = e.extras
             note = (f"IG delta {x['relative_delta']:.2%} of logit, "
-                    f"{x.get('evaluations', x['n_steps'])} gradient evaluations")
-            if x.get("converged") is False:
+                    f"{x['evaluations']} gradient evaluations")
+            if not x["converged"]:
                 note += ", NOT converged (delta above 1%: read the map with care)"
         lines.append(f"{e.method:<14}{e.seconds:>8.2f}  {dele:>18}  {ins:>18}  {note}")
     lines.append("(faithful maps: deletion AUC below random, insertion AUC above)")
@@ -92,7 +93,6 @@ def _table(es: Any, labels: tuple[str, ...]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lungvit.core.checkpoint import load_checkpoint
     from lungvit.core.errors import ScanReadError
     from lungvit.core.explain import METHODS, explain
     from lungvit.core.ingest import load_scan
@@ -108,8 +108,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     # The predictor resolves the model exactly as `lungvit predict` does (bundled default,
     # preprocessing and temperature from the checkpoint header).
-    predictor = (Predictor(*load_checkpoint(args.model), device="cpu") if args.model
-                 else Predictor.from_checkpoint(None, device="cpu"))
+    predictor = Predictor.from_checkpoint(args.model, device="cpu")
     labels = predictor.labels
     try:
         target = _target(args.target, labels)
