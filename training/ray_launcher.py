@@ -295,6 +295,8 @@ class TrainSpec:
     train_config: dict[str, Any]
     job_id: int
     db_url: str
+    owner_pid: int
+    owner_host: str
     workers: int = 1
     use_gpu: bool = False
     resources_per_worker: dict[str, float] | None = None
@@ -307,8 +309,12 @@ class TrainSpec:
     mlflow_uri: str | None = None
     resume_from: str | None = None
     fault: dict[str, int] | None = None
-    owner_pid: int = 0
-    owner_host: str = ""
+
+    def __post_init__(self) -> None:
+        # pid 0 would make os.kill signal the whole process group (the fault hook).
+        if self.owner_pid <= 0 or not self.owner_host:
+            raise ValueError(f"TrainSpec needs the job process's pid and host, got "
+                             f"{self.owner_pid!r} on {self.owner_host!r}")
 
 
 def train(spec: TrainSpec) -> None:
