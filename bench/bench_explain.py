@@ -6,9 +6,10 @@ Gauss-Legendre steps chosen adaptively until the convergence delta is under 1 % 
 target logit). "Reference" is the reference design re-implemented in
 :mod:`lungvit.core.reference` (explicit softmax(QK^T)V attention) explained the textbook
 way: hooks plus the full rollout matrix product, Captum Integrated Gradients with 50 steps,
-the same Captum settings as ours for the sampling methods. Ours and the reference run
-interleaved, so a noisy shared machine slows both alike; process CPU time is recorded
-beside wall time for the same reason.
+the same Captum settings as ours for the sampling methods. For each method ours and
+the reference run back to back (all of ours, then all of the reference's), so a slowly
+changing load hits both alike; a noisy machine still shows in the spread, so process CPU
+time is recorded beside wall time.
 
 Weights are random unless ``--checkpoint`` is given (no trained checkpoint of every variant
 exists); IG's convergence depends on the function, so the step count it needed is reported.
@@ -214,7 +215,7 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.machine()} "
         f"({os.cpu_count()} CPUs visible), torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{'a checkpoint' if args.checkpoint else 'random weights'}; one 512 x 512 phantom scan; medians of "
-        f"{args.repeats} interleaved runs (IG: up to 3, reference IG: 1); load average at the start "
+        f"{args.repeats} runs, ours then the reference's back to back per method (IG: up to 3, reference IG: 1); load average at the start "
         f"{args.load_start}. Every row includes the prediction pass (ours: explain(); reference: "
         "its forward pass, then the method).",
         "",

@@ -157,8 +157,8 @@ VARIANTS: dict[str, ModelConfig] = {
 }
 
 # Chosen by measurement (bench/bench_variants.py -> bench/RESULTS-variants.md): every variant
-# trained on the same phantoms for the same 450 CPU-seconds; lungvit_tiny reached 84% test
-# accuracy on all nine classes, the 5 M-parameter variants 20-24% (2-5 epochs in that
+# trained on the same phantoms with the same 450-CPU-second budget; lungvit_tiny reached 84%
+# test accuracy on all nine classes, the 5 M-parameter variants 20-24% (2-5 epochs in that
 # budget), and it is also the fastest per scan. It is what `lungvit train` builds when no
 # variant or base model is named, and the bundled demo model's variant. On a GPU, where the
 # larger variants get enough steps, rerun that benchmark before changing this.
