@@ -93,10 +93,13 @@ def test_same_scan_at_once_gives_whole_files(client: Client, scans: dict[str, Pa
     assert Path(first[0]).read_bytes() != Path(second[0]).read_bytes()
     assert np.array_equal(np.asarray(Image.open(first[0])), np.asarray(Image.open(second[0])))
     errors: list[BaseException] = []
+    want = np.asarray(Image.open(_view(client, [scans["png"]])[0]))
 
     def view() -> None:
         try:
-            _view(Client(running_app[0], verbose=False), [scans["png"]])
+            got = _view(Client(running_app[0], verbose=False), [scans["png"]])
+            # Every client gets the whole image, decoded to the same pixels.
+            assert np.array_equal(np.asarray(Image.open(got[0])), want)
         except BaseException as exc:  # collected, asserted below
             errors.append(exc)
 
