@@ -146,16 +146,19 @@ def load_windowed(path: Path, preset: str, center: float | None, width: float | 
             raise WindowError("Custom window: give a level and a width of at least 1")
         window = (float(center), float(width))
         return Windowed(load_scan(path, window=window, include_phi=include_phi), window, preset)
-    first = load_scan(path, include_phi=include_phi)
     if preset in CT_PRESETS:
-        if is_ct(first.meta):
-            window = CT_PRESETS[preset]
-            return Windowed(load_scan(path, window=window, include_phi=include_phi), window,
-                            preset)
+        # Read with the preset at once: the UI offers CT presets only for CT scans, so the
+        # re-read with the file's own window is the rare case (an API call).
+        window = CT_PRESETS[preset]
+        scan = load_scan(path, window=window, include_phi=include_phi)
+        if is_ct(scan.meta):
+            return Windowed(scan, window, preset)
+        first = load_scan(path, include_phi=include_phi)
         modality = first.meta.modality or first.meta.source_format.upper()
         return Windowed(first, None, FILE, [
             f"the {preset} preset is in Hounsfield units, for CT; this {modality} scan is "
             "shown with its own window"])
+    first = load_scan(path, include_phi=include_phi)
     if preset in (AUTO, FULL):
         low, high = value_range(path, first.meta, "percentile" if preset == AUTO else "minmax")
         if not high > low:
