@@ -80,6 +80,7 @@ from lungvit.core.phantoms import CLASS_NAMES, make_phantom  # noqa: E402
 from lungvit.core.preprocess import PreprocessConfig  # noqa: E402
 from lungvit.core.reference import ReferenceViT  # noqa: E402
 from lungvit.training.augment import AugmentConfig, augment_batch  # noqa: E402
+from lungvit.training.optim import parameter_groups  # noqa: E402
 
 SECTIONS = ("throughput", "flops", "memory", "lightning")
 H100_GIB = 81559 / 1024  # an "80 GB" H100's memory as nvidia-smi reports it
@@ -171,11 +172,9 @@ def _sync(device: str) -> None:
 
 def make_step(model: nn.Module, device: str, *, compile_model: bool = False,
               fused_optim: bool = False) -> Step:
-    """One AdamW step (decay on matrices only, as LungViTModule) with clipping at 1.0."""
+    """One AdamW step (LungViTModule's parameter groups) with clipping at 1.0."""
     model.to(device).train()
-    groups = [{"params": [p for p in model.parameters() if p.ndim > 1], "weight_decay": 0.05},
-              {"params": [p for p in model.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=1e-3, fused=fused_optim or None)
+    opt = torch.optim.AdamW(parameter_groups(model, 0.05), lr=1e-3, fused=fused_optim or None)
     forward = torch.compile(model) if compile_model else model
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:

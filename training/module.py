@@ -20,10 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lungvit.training.metrics import classification_report, scalar_metrics
-
-# Parameters named here (besides every 1-D tensor: norms and biases) get no weight decay.
-_NO_DECAY_NAMES = frozenset({"pos_embed", "cls_token", "reg_token", "dist_token"})
-
+from lungvit.training.optim import parameter_groups
 
 def class_weights_from_counts(counts: Sequence[int]) -> torch.Tensor:
     """Inverse-frequency class weights, normalised so the average sample weight is 1.
@@ -57,21 +54,6 @@ class WarmupCosine:
         span = max(1, self.total_steps - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / span)
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on weight matrices, none on norms, biases and embeddings."""
-    no_decay_names = set(_NO_DECAY_NAMES)
-    if hasattr(model, "no_weight_decay"):  # timm's own list
-        no_decay_names |= set(model.no_weight_decay())
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.ndim <= 1 or name.endswith(".bias") or name in no_decay_names:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
 
 
 class LungViTModule(L.LightningModule):
