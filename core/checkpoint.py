@@ -51,6 +51,9 @@ class Provenance:
         date: ISO 8601 time the checkpoint was written (filled in by :func:`save_checkpoint`).
         lungvit_version: LungViT version that wrote the file (filled in likewise).
         source: where the weights came from when not trained here (e.g. an imported file).
+        class_sources: training images per label and data source ({label: {source: n}}),
+            where the data name their sources.
+        citations: the datasets the weights were trained on, as they ask to be cited.
     """
 
     dataset: str = ""
@@ -63,6 +66,8 @@ class Provenance:
     date: str = ""
     lungvit_version: str = ""
     source: str = ""
+    class_sources: dict[str, dict[str, int]] = field(default_factory=dict)
+    citations: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -154,6 +154,17 @@ VARIANTS: dict[str, ModelConfig] = {
         name="lungvit_s224", img_size=224, stem_channels=(16, 32, 64, 128, 192, 192),
         stem_strides=(1, 2, 2, 2, 2, 1), embed_dim=192, depth=10, num_heads=3, head_dim=64,
         mlp_dim=768, act="gelu", qkv_bias=True),
+    # Real radiographs at 128 / 224 px for about the cost of lungvit_tiny at 64: a
+    # stride-8 (stride-16) stem of early stride-2 convs makes a 16 x 16 (14 x 14) grid,
+    # encoded by 6 blocks 96 wide (3 x 32-wide heads).
+    "lungvit_t128": ModelConfig(
+        name="lungvit_t128", img_size=128, stem_channels=(16, 32, 64, 96),
+        stem_strides=(2, 2, 2, 1), embed_dim=96, depth=6, num_heads=3, head_dim=32,
+        mlp_dim=384, act="gelu", qkv_bias=True),
+    "lungvit_t224": ModelConfig(
+        name="lungvit_t224", img_size=224, stem_channels=(16, 32, 64, 96, 96),
+        stem_strides=(2, 2, 2, 2, 1), embed_dim=96, depth=6, num_heads=3, head_dim=32,
+        mlp_dim=384, act="gelu", qkv_bias=True),
 }
 
 # Chosen by measurement (bench/bench_variants.py -> bench/RESULTS-variants.md): every variant
@@ -308,6 +319,18 @@ def lungvit_s128(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
 def lungvit_s224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """224 px, stride-16 stem to 14x14 tokens, 10 blocks 192 wide."""
     return _timm_entrypoint("lungvit_s224", pretrained, **kwargs)
+
+
+@register_model
+def lungvit_t128(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """128 px, stride-8 stem to 16x16 tokens, 6 blocks 96 wide."""
+    return _timm_entrypoint("lungvit_t128", pretrained, **kwargs)
+
+
+@register_model
+def lungvit_t224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """224 px, stride-16 stem to 14x14 tokens, 6 blocks 96 wide."""
+    return _timm_entrypoint("lungvit_t224", pretrained, **kwargs)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -7,15 +7,23 @@ right are not interchangeable (heart, situs). The optional RandAugment-style pol
 ``randaugment_ops`` operations per sample from :data:`RANDAUGMENT_OPS` at a fixed
 magnitude (0..10) with random sign; geometric ones fold into the same affine, so there is
 still one resampling per batch.
+
+The acquisition ops (off by default; :data:`PRESETS` ``"acquisition"`` turns them on) imitate
+what differs between scanners and sites: a random resized crop (zoom plus aspect change,
+folded into the same affine), gamma, Gaussian blur, noise, down- then up-sampling, JPEG
+re-compression and letterbox borders. They are drawn per sample; the per-sample ones that
+cannot be batched (blur width, resampling factor, JPEG quality) loop over the batch.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.io import decode_jpeg, encode_jpeg
+from torchvision.transforms.v2.functional import gaussian_blur
 
 # Geometric ops first (they fold into the affine), then intensity ops (applied in order).
 RANDAUGMENT_OPS: tuple[str, ...] = (
@@ -43,6 +51,17 @@ class AugmentConfig:
         randaugment: also apply the RandAugment-style policy.
         randaugment_ops: operations per sample.
         randaugment_magnitude: strength 0..10 of each operation.
+        aspect: log aspect-ratio change drawn from U(-a, a) (with ``scale``: a random
+            resized crop, or a squashed/letterboxed export).
+        gamma: gamma exp(U(-g, g)) on [0, 1] intensities (display LUTs differ by site).
+        blur_prob, blur_sigma: Gaussian blur with sigma U(0.3, blur_sigma) px, per sample
+            with probability ``blur_prob``.
+        noise: additive Gaussian noise with standard deviation U(0, noise).
+        resample_prob, resample_min: down-sample by U(resample_min, 1) and back up
+            (a scan exported at low resolution), with probability ``resample_prob``.
+        jpeg_prob, jpeg_quality: JPEG re-compression at quality U(lo, hi).
+        border_prob, border_max: black or white borders (letterbox, collimation) of up to
+            ``border_max`` of the side on one or both axes.
     """
 
     rotation_deg: float = 7.0
@@ -54,15 +73,37 @@ class AugmentConfig:
     randaugment: bool = False
     randaugment_ops: int = 2
     randaugment_magnitude: int = 5
+    aspect: float = 0.0
+    gamma: float = 0.0
+    blur_prob: float = 0.0
+    blur_sigma: float = 1.5
+    noise: float = 0.0
+    resample_prob: float = 0.0
+    resample_min: float = 0.35
+    jpeg_prob: float = 0.0
+    jpeg_quality: tuple[int, int] = (30, 90)
+    border_prob: float = 0.0
+    border_max: float = 0.12
 
     def __post_init__(self) -> None:
         # Accept a list (from JSON/YAML) and keep the config hashable.
         object.__setattr__(self, "scale", tuple(float(v) for v in self.scale))
+        object.__setattr__(self, "jpeg_quality", tuple(int(v) for v in self.jpeg_quality))
         lo, hi = self.scale
         if not 0 < lo <= hi:
             raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {self.scale}")
-        if min(self.rotation_deg, self.translate, self.brightness, self.contrast) < 0:
+        if min(self.rotation_deg, self.translate, self.brightness, self.contrast, self.aspect,
+               self.gamma, self.blur_sigma, self.noise, self.border_max) < 0:
             raise ValueError("augmentation magnitudes must be >= 0")
+        for name in ("blur_prob", "resample_prob", "jpeg_prob", "border_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must lie in [0, 1], not {getattr(self, name)!r}")
+        qlo, qhi = self.jpeg_quality
+        if not 1 <= qlo <= qhi <= 100:
+            raise ValueError(f"jpeg_quality must be (low, high) within 1..100, got "
+                             f"{self.jpeg_quality}")
+        if not 0 < self.resample_min <= 1:
+            raise ValueError(f"resample_min must lie in (0, 1], not {self.resample_min!r}")
         if not 0 <= self.randaugment_magnitude <= 10:
             raise ValueError("randaugment_magnitude must lie in 0..10")
         if not 0 <= self.randaugment_ops <= len(RANDAUGMENT_OPS):
@@ -90,7 +131,8 @@ def _affine(x: Tensor, cfg: AugmentConfig, ra: Tensor | None, gen: torch.Generat
             ) -> Tensor | None:
     """(B, 2, 3) output->input sampling matrices, or None when geometry is the identity."""
     lo, hi = cfg.scale
-    plain = cfg.rotation_deg == 0 and lo == hi == 1 and cfg.translate == 0 and not cfg.hflip
+    plain = (cfg.rotation_deg == 0 and lo == hi == 1 and cfg.translate == 0 and not cfg.hflip
+             and cfg.aspect == 0)
     if plain and ra is None:
         return None
     b = x.shape[0]
@@ -99,6 +141,7 @@ def _affine(x: Tensor, cfg: AugmentConfig, ra: Tensor | None, gen: torch.Generat
     angle = _uniform(b, -cfg.rotation_deg, cfg.rotation_deg, x, gen) + op["rotate"]
     angle = angle * (math.pi / 180.0)
     zoom = _uniform(b, lo, hi, x, gen)
+    stretch = torch.exp(_uniform(b, -cfg.aspect, cfg.aspect, x, gen) / 2)  # (B,)
     # grid coordinates span [-1, 1], so a shift of a fraction f of the side is 2 f.
     tx = 2 * (_uniform(b, -cfg.translate, cfg.translate, x, gen) + op["translate_x"])
     ty = 2 * (_uniform(b, -cfg.translate, cfg.translate, x, gen) + op["translate_y"])
@@ -113,7 +156,8 @@ def _affine(x: Tensor, cfg: AugmentConfig, ra: Tensor | None, gen: torch.Generat
     shear = torch.stack([torch.stack([ones, op["shear_x"]], -1),
                          torch.stack([op["shear_y"], ones], -1)], -2)
     lin = rot @ shear
-    lin = lin * torch.stack([flip, ones], -1)[..., None]
+    # Aspect change: sampled x stretched, y shrunk by the same factor (area kept).
+    lin = lin * torch.stack([flip * stretch, 1 / stretch], -1)[..., None]
     return torch.cat([lin, torch.stack([tx, ty], -1)[..., None]], -1)  # (B, 2, 3)
 
 
@@ -144,6 +188,58 @@ def _intensity_ops(x: Tensor, chosen: Tensor, mag: Tensor, gen: torch.Generator 
     x = where("solarize", torch.where(x >= 1 - m("solarize").abs() / 2, 1 - x, x))
     noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=gen)
     return where("noise", x + m("noise").abs() * noise)
+
+
+def _coin(b: int, p: float, like: Tensor, gen: torch.Generator | None) -> Tensor:
+    return torch.rand(b, device=like.device, generator=gen) < p  # (B,) bool
+
+
+def _borders(x: Tensor, cfg: AugmentConfig, gen: torch.Generator | None) -> Tensor:
+    """Black or white bands on both ends of one axis, per sample with ``border_prob``."""
+    b, _, h, w = x.shape
+    hit = _coin(b, cfg.border_prob, x, gen)
+    if not bool(hit.any()):
+        return x
+    frac = _uniform(b, 0, cfg.border_max, x, gen)
+    vertical = _coin(b, 0.5, x, gen)
+    white = _coin(b, 0.3, x, gen).to(x.dtype)[:, None, None, None]
+    rows = torch.arange(h, device=x.device, dtype=x.dtype)[None, :, None] / h  # (1, H, 1)
+    cols = torch.arange(w, device=x.device, dtype=x.dtype)[None, None, :] / w  # (1, 1, W)
+    f = frac[:, None, None]
+    band_rows = (rows < f) | (rows >= 1 - f)  # (B, H, 1)
+    band_cols = (cols < f) | (cols >= 1 - f)  # (B, 1, W)
+    band = torch.where(vertical[:, None, None], band_rows.expand(b, h, w),
+                       band_cols.expand(b, h, w))
+    band = band & hit[:, None, None]
+    return torch.where(band[:, None], white.expand_as(x), x)
+
+
+def _per_sample_ops(x: Tensor, cfg: AugmentConfig, gen: torch.Generator | None) -> Tensor:
+    """Blur, down/up-sampling and JPEG re-compression: per-sample parameters, so a loop."""
+    b, _, h, w = x.shape
+    blur = _coin(b, cfg.blur_prob, x, gen) if cfg.blur_prob > 0 else None
+    resample = _coin(b, cfg.resample_prob, x, gen) if cfg.resample_prob > 0 else None
+    jpeg = _coin(b, cfg.jpeg_prob, x, gen) if cfg.jpeg_prob > 0 else None
+    u = torch.rand(b, 3, generator=gen, device=x.device).cpu()  # (B, 3) one draw per op
+    out = []
+    for i in range(b):
+        xi = x[i]  # (1, H, W)
+        if resample is not None and resample[i]:
+            f = cfg.resample_min + (1 - cfg.resample_min) * float(u[i, 0])
+            small = (max(4, round(h * f)), max(4, round(w * f)))
+            xi = F.interpolate(xi[None], size=small, mode="area")
+            xi = F.interpolate(xi, size=(h, w), mode="bilinear", align_corners=False)[0]
+        if blur is not None and blur[i]:
+            sigma = 0.3 + (cfg.blur_sigma - 0.3) * float(u[i, 1]) if cfg.blur_sigma > 0.3 else 0.3
+            k = 2 * math.ceil(2 * sigma) + 1
+            xi = gaussian_blur(xi, kernel_size=[k, k], sigma=[sigma, sigma])
+        if jpeg is not None and jpeg[i]:
+            lo, hi = cfg.jpeg_quality
+            q = int(round(lo + (hi - lo) * float(u[i, 2])))
+            raw = (xi.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+            xi = decode_jpeg(encode_jpeg(raw, quality=q)).to(x.device, x.dtype) / 255
+        out.append(xi)
+    return torch.stack(out)
 
 
 def augment_batch(x: Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None
@@ -180,4 +276,44 @@ def augment_batch(x: Tensor, cfg: AugmentConfig, generator: torch.Generator | No
         x = x + _uniform(b, -cfg.brightness, cfg.brightness, x, generator)[:, None, None, None]
     if chosen is not None:
         x = _intensity_ops(x, chosen, mag, generator)
+    if cfg.gamma > 0:
+        g = torch.exp(_uniform(b, -cfg.gamma, cfg.gamma, x, generator))[:, None, None, None]
+        x = x.clamp(1e-6, 1).pow(g)
+    if cfg.border_prob > 0:
+        x = _borders(x.clamp(0, 1), cfg, generator)
+    if cfg.blur_prob > 0 or cfg.resample_prob > 0 or cfg.jpeg_prob > 0:
+        x = _per_sample_ops(x.clamp(0, 1), cfg, generator)
+    if cfg.noise > 0:
+        sd = _uniform(b, 0, cfg.noise, x, generator)[:, None, None, None]
+        x = x + sd * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
     return x.clamp(0.0, 1.0)
+
+
+# Named policies for ``TrainConfig.augment_policy``; ``augment_options`` override fields.
+PRESETS: dict[str, AugmentConfig] = {
+    "basic": AugmentConfig(),
+    # Other scanners and sites: crops and aspect changes, display curves, sharpness,
+    # noise, resolution, compression and borders (each per sample, most at p < 0.5 so a
+    # batch still holds clean-looking scans).
+    "acquisition": AugmentConfig(
+        rotation_deg=10.0, scale=(0.85, 1.25), translate=0.08, brightness=0.1, contrast=0.2,
+        aspect=0.25, gamma=0.35, blur_prob=0.25, blur_sigma=1.5, noise=0.03,
+        resample_prob=0.3, resample_min=0.35, jpeg_prob=0.3, jpeg_quality=(30, 90),
+        border_prob=0.2, border_max=0.12),
+}
+
+
+def augment_config(policy: str = "basic", **overrides: object) -> AugmentConfig:
+    """The :data:`PRESETS` entry ``policy`` with ``overrides`` applied.
+
+    Raises:
+        ValueError: unknown policy or field.
+    """
+    if policy not in PRESETS:
+        raise ValueError(f"unknown augmentation policy {policy!r}; choose one of "
+                         f"{', '.join(PRESETS)}")
+    known = {f.name for f in fields(AugmentConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown augmentation option(s) {', '.join(unknown)}")
+    return replace(PRESETS[policy], **overrides)

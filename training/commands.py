@@ -64,6 +64,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="weight the loss by inverse class frequency")
     opt.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                      help="train without data augmentation")
+    opt.add_argument("--augment-policy", choices=("basic", "acquisition"), metavar="P",
+                     help="basic (small affine, brightness, contrast; the default) or "
+                     "acquisition (also crops, aspect, gamma, blur, noise, resampling, JPEG "
+                     "and borders, imitating other scanners and sites)")
+    opt.add_argument("--balanced-sampling", action="store_true", default=None,
+                     help="draw each class (and each source within a class) equally often")
     opt.add_argument("--precision", metavar="P",
                      help="auto (bf16/16-mixed on GPU, 32-true on CPU) or a Lightning precision")
     opt.add_argument("--seed", type=int, metavar="N", help="seed for weights and splits (0)")
@@ -94,6 +100,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     card = p.add_argument_group("model card")
     card.add_argument("--notes", metavar="TEXT", help="what this model is (stored in MODEL)")
     card.add_argument("--intended-use", metavar="TEXT", help="intended-use statement")
+    card.add_argument("--cite", dest="citations", action="append", metavar="TEXT",
+                      help="a citation of the training data (repeatable; shown on the card)")
     add_job_arguments(p)
     p.set_defaults(func=run_train)
 

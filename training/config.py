@@ -68,7 +68,13 @@ class TrainConfig:
         resume_from: a Lightning ``.ckpt`` of an earlier run to continue (step count,
             optimizer and learning-rate schedule included).
         augment: augment training images.
-        augment_options: keyword arguments of ``AugmentConfig`` (when ``augment``).
+        augment_policy: named augmentation policy (``lungvit.training.augment.PRESETS``):
+            "basic" (small affine, brightness, contrast) or "acquisition" (also crops,
+            aspect, gamma, blur, noise, resampling, JPEG and borders: other scanners/sites).
+        augment_options: keyword arguments of ``AugmentConfig`` overriding the policy's.
+        citations: the training data's citations, stored in the checkpoint and its card.
+        balanced_sampling: draw training batches class-balanced (and, within a class,
+            source-balanced where sources are known), with replacement.
         val_frac: fraction of each class held out for validation.
         test_frac: fraction of each class held out for the final test.
         min_per_class: classes with fewer readable images are left out (and reported).
@@ -113,6 +119,9 @@ class TrainConfig:
     resume_from: str | None = None
     augment: bool = True
     augment_options: dict[str, Any] = field(default_factory=dict)
+    augment_policy: str = "basic"
+    citations: list[str] = field(default_factory=list)
+    balanced_sampling: bool = False
     val_frac: float = 0.15
     test_frac: float = 0.15
     min_per_class: int = 5
@@ -166,6 +175,11 @@ class TrainConfig:
                 and self.val_frac + self.test_frac < 1):
             problems.append(f"val_frac ({self.val_frac}) and test_frac ({self.test_frac}) must be "
                             "in (0, 1) and leave data to train on")
+        from lungvit.training.augment import PRESETS
+
+        if self.augment_policy not in PRESETS:
+            problems.append(f"augment_policy must be one of {', '.join(PRESETS)}, "
+                            f"not {self.augment_policy!r}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)}, "
                             f"not {self.precision!r}")

@@ -13,6 +13,14 @@ Patient keys (for patient-level splits) come from, in order of precedence:
 3. for DICOM files, the hashed PatientID that :func:`lungvit.core.ingest.load_scan`
    reports (filled in by the data module after caching).
 
+Kermany chest X-ray names (``person1000_virus_1681``: patient ``person1000``) are read too.
+
+The *source* of a sample (the hospital, repository or device it came from, for stratified
+splits and leave-one-source-out evaluation) comes from the manifest's ``source`` column, else
+from a file name of the form ``SOURCE__name.ext`` (two underscores, as in
+``../shared/realdata``: ``meddef1__person1000_virus_1681.png`` has source ``meddef1``), else
+it is unknown (None). The source prefix is stripped before the patient patterns are matched.
+
 Every key is stored only as :func:`lungvit.core.phi.patient_key` (salted SHA-256), so a raw
 identifier from a manifest is never kept in memory objects that might be logged, and a
 manifest that lists DICOM PatientIDs yields the same keys as the files themselves.
@@ -36,12 +44,17 @@ from lungvit.core.phi import patient_key as hash_patient_id
 # by their SOP Instance UID, whose last dotted part is all digits and is treated the same).
 DEFAULT_EXTENSIONS: tuple[str, ...] = (".dcm", ".dicom", ".png", ".jpg", ".jpeg", "")
 MANIFEST_COLUMNS: tuple[str, str, str] = ("path", "label", "patient_id")
+SOURCE_COLUMN = "source"
+SOURCE_SEPARATOR = "__"
 
 # OCT2017-style names: CLASS-PATIENT-N with N all digits and PATIENT one hyphen-free token
 # holding at least one digit (so "lung-normal-17.png" is *not* read as patient "normal").
 # The class prefix may itself contain hyphens ("lung-oct-cnv-P0003-2").
 PATIENT_FROM_NAME = re.compile(
     r"^(?P<prefix>.+)-(?P<patient>[A-Za-z_]*\d[A-Za-z0-9_]*)-(?P<n>\d+)$")
+# Kermany 2018 chest X-ray names: person<N>_<bacteria|virus>_<M>; the patient is person<N>.
+KERMANY_CHEST_NAME = re.compile(r"^(?P<patient>person\d+)_(?:bacteria|virus)_\d+$", re.I)
+_SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 # Files that are never scans even though their name has no extension.
 _NEVER_SCANS = frozenset({"DICOMDIR"})
@@ -60,11 +73,13 @@ class Sample:
         path: absolute path of the file.
         label: class name.
         patient_key: one-way patient key (see the module docstring), or None if unknown.
+        source: where the scan came from (see the module docstring), or None if unknown.
     """
 
     path: str
     label: str
     patient_key: str | None = None
+    source: str | None = None
 
 
 @dataclass
@@ -92,6 +107,12 @@ class DatasetIndex:
     def relpath(self, path: str) -> str:
         """``path`` relative to the root, with forward slashes (stable across systems)."""
         return Path(os.path.relpath(path, self.root)).as_posix()
+
+    def source_counts(self) -> dict[str, dict[str, int]]:
+        """Samples per class and source ({class: {source: n}}; unknown sources as "unknown")."""
+        counts = Counter((s.label, s.source or "unknown") for s in self.samples)
+        return {c: {src: n for (lab, src), n in sorted(counts.items()) if lab == c}
+                for c in self.classes}
 
     def class_counts(self) -> dict[str, int]:
         """Samples per class, in class order."""
@@ -125,13 +146,24 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def source_from_name(path: str) -> str | None:
+    """The source prefix of a ``SOURCE__name.ext`` file name, or None."""
+    head, sep, rest = os.path.basename(path).partition(SOURCE_SEPARATOR)
+    return head if sep and rest and _SOURCE_NAME.match(head) else None
+
+
 def patient_from_name(path: str) -> str | None:
-    """The raw patient token of an OCT2017-style file name, or None (see PATIENT_FROM_NAME)."""
+    """The raw patient token of an OCT2017-style or Kermany chest file name, or None.
+
+    A ``SOURCE__`` prefix is ignored (see :func:`source_from_name`).
+    """
     stem = os.path.basename(path)
+    if source_from_name(stem) is not None:
+        stem = stem.partition(SOURCE_SEPARATOR)[2]
     suffix = _suffix(stem)
     if suffix:
         stem = stem[: -len(suffix)]
-    m = PATIENT_FROM_NAME.match(stem)
+    m = PATIENT_FROM_NAME.match(stem) or KERMANY_CHEST_NAME.match(stem)
     return m.group("patient") if m else None
 
 
@@ -159,7 +191,8 @@ def _scan_folders(root: Path, extensions: frozenset[str]) -> list[Sample]:
                 if _wanted(name, extensions):
                     path = os.path.abspath(os.path.join(dirpath, name))
                     raw = patient_from_name(name)
-                    samples.append(Sample(path, cdir.name, hash_patient_id(raw)))
+                    samples.append(Sample(path, cdir.name, hash_patient_id(raw),
+                                          source_from_name(name)))
     return samples
 
 
@@ -200,7 +233,8 @@ def _scan_manifest(csv_path: Path, columns: Sequence[str]
             conflicted.add(path)
         elif path not in samples:
             raw = row.get(patient_col) or patient_from_name(path)
-            samples[path] = Sample(path, label, hash_patient_id(raw))
+            source = row.get(SOURCE_COLUMN) or source_from_name(path)
+            samples[path] = Sample(path, label, hash_patient_id(raw), source)
     return list(samples.values()), unreadable
 
 

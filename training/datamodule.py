@@ -19,7 +19,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from lungvit.core.preprocess import PreprocessConfig
 from lungvit.training.augment import AugmentConfig, augment_batch
@@ -60,6 +60,24 @@ class CachedScans(Dataset):
         return x[0], y[0]
 
 
+def balanced_weights(labels: Sequence[str], sources: Sequence[str | None]) -> torch.Tensor:
+    """Sampling weights giving every class the same share, split evenly over its sources.
+
+    Args:
+        labels: class of each sample; sources: its source (None: one unknown source).
+
+    Returns:
+        (N,) float64 weights summing to 1: a sample of class c and source s weighs
+        1 / (classes * sources of c * samples of (c, s)).
+    """
+    pairs = list(zip(labels, sources, strict=True))
+    per_pair = Counter(pairs)
+    sources_of = Counter(label for label, _ in per_pair)
+    n_classes = len(sources_of)
+    return torch.tensor([1.0 / (n_classes * sources_of[c] * per_pair[(c, s)]) for c, s in pairs],
+                        dtype=torch.float64)
+
+
 class Collate:
     """Raw cached batch -> float32 in [0, 1] -> augmentation (if any) -> (x - mean) / std."""
 
@@ -94,6 +112,8 @@ class ScanDataModule(L.LightningDataModule):
         split_manifest: a split CSV: reused when it exists (saved files keep their split,
             new files join train, see :func:`apply_split_manifest`), written when it does not.
         progress: called with (files done, total) while the cache is built.
+        balanced: draw training batches with :func:`balanced_weights` (with replacement,
+            one epoch = as many draws as training samples) instead of plain shuffling.
 
     After :meth:`setup`: ``classes``, ``num_classes``, ``class_counts`` ({"total", "train",
     "val", "test"} -> {class: n}), ``fingerprint``, ``splits`` (indices into ``samples``),
@@ -107,7 +127,8 @@ class ScanDataModule(L.LightningDataModule):
                  cache_dir: str | Path | None = None, min_per_class: int = 5,
                  classes: Sequence[str] | None = None, pin_memory: bool | None = None,
                  split_manifest: str | Path | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None,
+                 balanced: bool = False) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -120,6 +141,7 @@ class ScanDataModule(L.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.split_manifest = Path(split_manifest) if split_manifest is not None else None
         self.progress = progress
+        self.balanced = balanced
         self._prepared: tuple[DatasetIndex, CacheResult] | None = None
         self.splits: dict[str, list[int]] | None = None
 
@@ -203,7 +225,15 @@ class ScanDataModule(L.LightningDataModule):
         extra: dict[str, Any] = {}
         if self.num_workers > 0:
             extra = {"persistent_workers": True, "prefetch_factor": 4}
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=train,
+        shuffle = train
+        if train and self.balanced:
+            members = [self.samples[i] for i in self.splits[split]]
+            gen = torch.Generator().manual_seed(self.seed)
+            extra["sampler"] = WeightedRandomSampler(
+                balanced_weights([s.label for s in members], [s.source for s in members]),
+                num_samples=len(members), replacement=True, generator=gen)
+            shuffle = False
+        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
                           collate_fn=Collate(self.preprocess, self.augment if train else None),
                           **extra)

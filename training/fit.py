@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,7 +39,7 @@ from lungvit.core.checkpoint import CheckpointInfo, Provenance, load_checkpoint,
 from lungvit.core.model import DEFAULT_VARIANT, VARIANTS, build_model, create_model
 from lungvit.core.predict import energy_score
 from lungvit.core.preprocess import PreprocessConfig
-from lungvit.training.augment import AugmentConfig
+from lungvit.training.augment import augment_config
 from lungvit.training.calibration import fit_temperature
 from lungvit.training.config import TrainConfig, TrainConfigError
 from lungvit.training.data import DatasetError
@@ -161,12 +162,12 @@ def build_datamodule(cfg: TrainConfig, *,
     Raises:
         DatasetError: the folder cannot be trained on (no classes, too few images, ...).
     """
-    augment = AugmentConfig(**cfg.augment_options) if cfg.augment else None
+    augment = augment_config(cfg.augment_policy, **cfg.augment_options) if cfg.augment else None
     dm = ScanDataModule(cfg.data, preprocess=_preprocess_for(cfg), batch_size=cfg.batch_size,
                         num_workers=cfg.num_workers, seed=cfg.seed, val_frac=cfg.val_frac,
                         test_frac=cfg.test_frac, augment=augment, cache_dir=cfg.cache_dir,
                         min_per_class=cfg.min_per_class, split_manifest=cfg.split_manifest,
-                        progress=progress)
+                        balanced=cfg.balanced_sampling, progress=progress)
     dm.prepare_data()
     dm.setup("fit")
     empty = [s for s in ("train", "val", "test") if not dm.splits[s]]
@@ -265,6 +266,16 @@ def _energy_threshold(logits: torch.Tensor) -> float | None:
     if logits.numel() == 0:
         return None
     return float(torch.quantile(energy_score(logits), OOD_ENERGY_QUANTILE))
+
+
+def _train_sources(dm: ScanDataModule) -> dict[str, dict[str, int]]:
+    """Training-split images per class and source ({} when no sample names its source)."""
+    train = [dm.samples[i] for i in dm.splits["train"]]
+    if all(s.source is None for s in train):
+        return {}
+    counts = Counter((s.label, s.source or "unknown") for s in train)
+    return {c: {src: n for (lab, src), n in sorted(counts.items()) if lab == c}
+            for c in dm.classes}
 
 
 def _format_notes(cfg: TrainConfig, test: dict[str, Any]) -> str:
@@ -401,7 +412,8 @@ def fit(cfg: TrainConfig, *, datamodule: ScanDataModule | None = None,
     provenance = Provenance(
         dataset=(f"{Path(dm.index.root).name}: {sum(dm.class_counts['total'].values())} images "
                  f"in {len(classes)} classes; train/val/test {sizes}"),
-        class_counts=dict(train_counts), dataset_fingerprint=dm.fingerprint,
+        class_counts=dict(train_counts), class_sources=_train_sources(dm),
+        citations=list(cfg.citations), dataset_fingerprint=dm.fingerprint,
         epochs=int(trainer.current_epoch), train_time_s=round(wall, 2),
         gpu_type=hardware["gpu_type"], gpu_count=hardware["gpu_count"],
         source=f"fine-tuned from {Path(cfg.from_checkpoint).name}" if cfg.from_checkpoint else "")

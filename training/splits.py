@@ -101,7 +101,7 @@ def split_indices(labels: Sequence[str], groups: Sequence[Hashable | None], *,
 
 def split_index(index: DatasetIndex, *, val_frac: float = 0.15, test_frac: float = 0.15,
                 seed: int = 0) -> dict[str, list[int]]:
-    """:func:`split_indices` over a dataset index, grouped by the patient keys it holds.
+    """:func:`split_indices` over a dataset index, grouped by patient, stratified by class and source.
 
     A sample without a patient key is its own group, named by its relative path, so the
     split of a file does not depend on which other files exist.
@@ -115,8 +115,11 @@ def split_index(index: DatasetIndex, *, val_frac: float = 0.15, test_frac: float
     """
     groups: list[Hashable] = [s.patient_key if s.patient_key is not None
                               else ("file", index.relpath(s.path)) for s in index.samples]
-    return split_indices([s.label for s in index.samples], groups, val_frac=val_frac,
-                         test_frac=test_frac, seed=seed)
+    # Stratify by class *and* source where sources are known, so each source of a class is
+    # represented in validation and test (a class's adult and child normals, say).
+    strata = [s.label if s.source is None else f"{s.label}\x00{s.source}"
+              for s in index.samples]
+    return split_indices(strata, groups, val_frac=val_frac, test_frac=test_frac, seed=seed)
 
 
 def apply_split_manifest(paths: Sequence[str], groups: Sequence[Hashable | None],
