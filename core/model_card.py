@@ -39,6 +39,45 @@ def _per_class_table(per_class: dict[str, dict[str, Any]], labels: tuple[str, ..
     return lines
 
 
+def _sources_table(class_sources: dict[str, dict[str, int]], labels: tuple[str, ...]
+                   ) -> list[str]:
+    lines = ["| class | training images | from sources |", "|---|---|---|"]
+    for label in labels:
+        per = class_sources.get(label, {})
+        lines.append(f"| {label} | {sum(per.values())} | "
+                     + (", ".join(f"{s} {n}" for s, n in per.items()) or "none") + " |")
+    return lines
+
+
+def _within_source(result: dict[str, Any]) -> list[str]:
+    lines = ["### Within source: the frozen test split", "",
+             f"{result.get('n')} held-out scans ({result.get('split', 'test split')}): "
+             f"macro recall {_fmt(result.get('macro_recall'))}, accuracy "
+             f"{_fmt(result.get('acc'))}, ECE {_fmt(result.get('ece_uncalibrated'))} before and "
+             f"{_fmt(result.get('ece'))} after calibration.", ""]
+    by_source = result.get("recall_by_source", {})
+    rows = ["| class | precision | recall | n | recall by source |", "|---|---|---|---|---|"]
+    for label, m in result.get("per_class", {}).items():
+        src = ", ".join(f"{s} {_fmt(v.get('recall'))} (n={v.get('n')})"
+                        for s, v in by_source.get(label, {}).items())
+        rows.append(f"| {label} | {_fmt(m.get('precision'))} | {_fmt(m.get('recall'))} | "
+                    f"{m.get('support')} | {src} |")
+    return lines + rows + [""]
+
+
+def _cross_source(result: dict[str, Any]) -> list[str]:
+    lines = ["### Across sources: leave one source out", "",
+             "For each class with two or more sources, a model of the same recipe was trained "
+             "with one source left out and scored on that source's scans (an estimate of "
+             "how the model does on a hospital it has not seen). Macro recall over the "
+             f"held-out (class, source) pairs: {_fmt(result.get('macro_recall'))}.", "",
+             "| class | held-out source | recall | n |", "|---|---|---|---|"]
+    for pair in result.get("pairs", []):
+        lines.append(f"| {pair.get('class')} | {pair.get('held_out_source')} | "
+                     f"{_fmt(pair.get('recall'))} | {pair.get('n')} |")
+    return lines + [""]
+
+
 def model_card(info: CheckpointInfo) -> str:
     """Render ``info`` as a Markdown model card.
 
@@ -68,7 +107,9 @@ def model_card(info: CheckpointInfo) -> str:
         out.append(f"- Input: {pre.input_size}x{pre.input_size} px, {chans} channel"
                    f"{'s' if chans != 1 else ''} (grayscale); whole frame resized, scaled to "
                    f"[0, 1], normalised with mean {pre.mean} and std {pre.std}")
-    out += ["", "## Classes", "", *[f"{i}. `{label}`" for i, label in enumerate(info.labels)], ""]
+    out += ["", "## Classes", "", *[f"{i}. `{label}`" for i, label in enumerate(info.labels)], "",
+            "The model answers with these classes only: anything else on a scan (another "
+            "finding, another organ) is outside what it can say.", ""]
 
     out += ["## Training", "",
             f"- Data: {prov.dataset or 'not recorded'}"]
@@ -77,6 +118,12 @@ def model_card(info: CheckpointInfo) -> str:
         out.append(f"- Images per class: {counts} (total {sum(prov.class_counts.values())})")
     if prov.dataset_fingerprint:
         out.append(f"- Data fingerprint: `{prov.dataset_fingerprint}`")
+    if prov.class_sources:
+        out += ["", "Training images by class and source:", "",
+                *_sources_table(prov.class_sources, info.labels), ""]
+    if prov.citations:
+        out += ["", "Training data (cite these when you use this model):", "",
+                *[f"- {c}" for c in prov.citations], ""]
     out += [f"- Epochs: {prov.epochs if prov.epochs is not None else 'not recorded'}",
             f"- Training time: {_duration(prov.train_time_s)}",
             f"- Hardware: {prov.gpu_type or 'CPU / not recorded'}; GPUs: {prov.gpu_count}",
@@ -89,6 +136,10 @@ def model_card(info: CheckpointInfo) -> str:
     metrics = dict(info.metrics)
     ece = metrics.get("ece")
     out += ["## Evaluation", ""]
+    if isinstance(metrics.get("within_source_test"), dict):
+        out += _within_source(metrics.pop("within_source_test"))
+    if isinstance(metrics.get("cross_source"), dict):
+        out += _cross_source(metrics.pop("cross_source"))
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
     out += [f"- {k}: {_fmt(v)}" for k, v in scalars.items()]
     for key, value in metrics.items():  # nested results, e.g. "val": {...}, "test": {...}
