@@ -85,6 +85,11 @@ class TrainConfig:
             test accuracy is appended.
         intended_use: the checkpoint's intended-use statement (None: a generic
             research-only statement).
+        transfer: with ``from_checkpoint``, how much of the base model trains: "auto"
+            (chosen from the training images per class), "head", "llrd" or "full"
+            (``lungvit.training.transfer``).
+        compare_to: the model the result is compared with on the test split; None: the
+            ``from_checkpoint`` model (no comparison when both are None).
     """
 
     data: str
@@ -130,6 +135,8 @@ class TrainConfig:
     fast_dev_run: bool | int = False
     notes: str | None = None
     intended_use: str | None = None
+    transfer: str = "auto"
+    compare_to: str | None = None
 
     def __post_init__(self) -> None:
         self.data = str(self.data)
