@@ -47,6 +47,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="input side in pixels (default: the variant's or checkpoint's)")
     model.add_argument("--freeze-stem-epochs", type=int, metavar="N",
                        help="keep the stem and early blocks frozen for N epochs")
+    model.add_argument("--transfer", choices=("auto", "head", "llrd", "full"),
+                       help="with --from: how much of the model trains. auto (default) "
+                       "picks from the training images per class: under 50 the head and "
+                       "last block (head), under 500 all layers with layer-wise learning-"
+                       "rate decay (llrd), else all layers alike (full)")
+    model.add_argument("--compare-to", metavar="MODEL",
+                       help="model to compare the result with on the test split (default: "
+                       "the --from model)")
     model.add_argument("--grad-checkpointing", action="store_true", default=None,
                        help="trade compute for memory in the transformer blocks")
     opt = p.add_argument_group("optimisation")
@@ -222,6 +230,9 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"head remapped: kept {len(m['kept'])} label(s); new: "
               f"{', '.join(m['new']) or 'none'}; dropped: {', '.join(m['dropped']) or 'none'}")
     print(describe_results(result), flush=True)
+    from lungvit.training.transfer import describe_run
+
+    print(describe_run(result.transfer, result.comparison), flush=True)
     if summary["unreadable"]:
         print(f"{summary['unreadable']} unreadable file(s) were skipped (listed above)",
               file=sys.stderr)

@@ -41,12 +41,14 @@ from lungvit.core.predict import energy_score
 from lungvit.core.preprocess import PreprocessConfig
 from lungvit.training.augment import augment_config
 from lungvit.training.calibration import fit_temperature
+from lungvit.training.compare import compare_with_base
 from lungvit.training.config import TrainConfig, TrainConfigError
 from lungvit.training.data import DatasetError
 from lungvit.training.datamodule import ScanDataModule
 from lungvit.training.metrics import classification_report, scalar_metrics
 from lungvit.training.module import FreezeEarlyLayers, LungViTModule, class_weights_from_counts
 from lungvit.training.store.paths import default_data_dir
+from lungvit.training.transfer import plan_transfer
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,9 @@ class FitResult:
         config: the resolved configuration.
         data: the data module's summary (classes, counts, unreadable, too small, ...).
         head_mapping: for fine-tuning, how the old head's labels were carried over.
+        transfer: the transfer policy the run used (:mod:`lungvit.training.transfer`).
+        comparison: the base model vs this one on the test split
+            (:func:`lungvit.training.compare.compare_with_base`), None without a base.
     """
 
     run_dir: Path
@@ -90,6 +95,8 @@ class FitResult:
     config: TrainConfig
     data: dict[str, Any] = field(default_factory=dict)
     head_mapping: dict[str, list[str]] | None = None
+    transfer: dict[str, Any] | None = None
+    comparison: dict[str, Any] | None = None
 
 
 # ----------------------------------------------------------------------------- resolving
@@ -184,9 +191,12 @@ def adapt_model(model: nn.Module, old_labels: Sequence[str], new_labels: Sequenc
                 img_size: int | None = None) -> tuple[nn.Module, dict[str, list[str]]]:
     """A copy of ``model`` with a head for ``new_labels`` (and inputs of ``img_size``).
 
-    Head rows are copied by label name for labels both lists share; new labels get the
-    fresh initialisation of :func:`lungvit.core.model.build_model`. A new input size
-    resamples the positional embedding over the new token grid.
+    The head is always a new one sized for ``new_labels`` with the fresh initialisation of
+    :func:`lungvit.core.model.build_model`; the rows of labels both lists share are then
+    copied from the old head by label name (what the base knew of those classes is the
+    starting point), new labels keep their fresh rows, and old labels missing from
+    ``new_labels`` are dropped. The same list in the same order keeps the head as it was.
+    A new input size resamples the positional embedding over the new token grid.
 
     Returns:
         ``(model, mapping)`` with ``mapping`` = {"kept": [...], "new": [...], "dropped": [...]}.
@@ -312,12 +322,15 @@ def fit(cfg: TrainConfig, *, datamodule: ScanDataModule | None = None,
     classes = list(dm.classes)
 
     model, head_mapping = build_training_model(cfg, classes)
+    transfer = plan_transfer(cfg, dm.class_counts["train"], model)
+    transfer.apply(model)  # freezes what the policy holds fixed for the whole run
     weights = (class_weights_from_counts([dm.class_counts["train"][c] for c in classes])
                if cfg.class_weighting else None)
     module = LungViTModule(model, labels=classes, lr=cfg.lr, weight_decay=cfg.weight_decay,
                            warmup_steps=cfg.warmup_steps, warmup_frac=cfg.warmup_frac,
                            min_lr_ratio=cfg.min_lr_ratio, label_smoothing=cfg.label_smoothing,
-                           class_weights=weights, grad_checkpointing=cfg.grad_checkpointing)
+                           class_weights=weights, grad_checkpointing=cfg.grad_checkpointing,
+                           lr_scales=transfer.lr_scales(model))
 
     precision = resolve_precision(cfg.precision, cfg.accelerator)
     if precision != "32-true" and torch.cuda.is_available():
@@ -333,6 +346,7 @@ def fit(cfg: TrainConfig, *, datamodule: ScanDataModule | None = None,
                                  patience=cfg.early_stopping_patience, check_finite=True))
     if cfg.freeze_stem_epochs > 0:
         cbs.append(FreezeEarlyLayers(cfg.freeze_stem_epochs, cfg.freeze_blocks))
+    cbs.extend(transfer.callbacks())
     if progress:
         cbs.append(TQDMProgressBar(refresh_rate=1))
     cbs.extend(callbacks)
@@ -374,7 +388,8 @@ def fit(cfg: TrainConfig, *, datamodule: ScanDataModule | None = None,
     best = ckpt_cb.best_model_path or None
     if not trainer.is_global_zero:
         return FitResult(run_dir, None, {}, {}, {}, 1.0, wall, trainer.current_epoch,
-                         trainer.global_step, best, cfg, dm.summary(), head_mapping)
+                         trainer.global_step, best, cfg, dm.summary(), head_mapping,
+                         transfer.to_dict())
     if best and not cfg.fast_dev_run:
         _load_module_weights(module, best)  # keep the weights with the lowest val loss
     model = module.model
@@ -407,6 +422,8 @@ def fit(cfg: TrainConfig, *, datamodule: ScanDataModule | None = None,
         "ood": {"energy_threshold": _energy_threshold(val_logits),
                 "quantile": OOD_ENERGY_QUANTILE, "source": "validation split"},
     }
+    comparison = compare_with_base(cfg, dm, test_logits, test_targets, device)
+    metrics.update(transfer=transfer.to_dict(), comparison=comparison)
     train_counts = dm.class_counts["train"]
     sizes = "/".join(str(sum(dm.class_counts[s].values())) for s in ("train", "val", "test"))
     provenance = Provenance(
@@ -428,6 +445,7 @@ def fit(cfg: TrainConfig, *, datamodule: ScanDataModule | None = None,
     report = {"checkpoint": str(checkpoint), "temperature": temperature, "wall_time_s": wall,
               "val": val_report, "test": test_cal, "test_uncalibrated": test_raw,
               "training": training, "data": dm.summary(), "head_mapping": head_mapping,
+              "transfer": transfer.to_dict(), "comparison": comparison,
               "history": module.history}
     (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     return FitResult(run_dir=run_dir, checkpoint=checkpoint, metrics=val_report,
@@ -435,4 +453,5 @@ def fit(cfg: TrainConfig, *, datamodule: ScanDataModule | None = None,
                      temperature=temperature, wall_time_s=wall,
                      epochs=int(trainer.current_epoch), steps=int(trainer.global_step),
                      best_lightning_checkpoint=best, config=cfg, data=dm.summary(),
-                     head_mapping=head_mapping)
+                     head_mapping=head_mapping, transfer=transfer.to_dict(),
+                     comparison=comparison)

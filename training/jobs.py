@@ -511,9 +511,25 @@ def run_in_foreground(job_id: int, *, db_url: str | None = None,
         acc = (job.final_metrics or {}).get("test/acc")
         shown = f" (test accuracy {acc:.1%})" if isinstance(acc, float) else ""
         print(f"model: {job.result_checkpoint_path}{shown}")
+        verdict = comparison_line(job.final_metrics or {})
+        if verdict:
+            print(verdict)
     if job.error_text:
         print(job.error_text.strip().splitlines()[-1], file=sys.stderr)
     return exit_code(status)
+
+
+def comparison_line(final: Mapping[str, Any]) -> str:
+    """"better / worse than the base model by X points on N test scans" from a job's
+    final metrics ("" when the job has no comparison)."""
+    n, delta = final.get("compare/n_test"), final.get("compare/delta_acc")
+    if not isinstance(n, (int, float)) or not isinstance(delta, (int, float)) or not n \
+            or math.isnan(delta):
+        return ""
+    word = "better" if delta > 0 else ("worse" if delta < 0 else "no better")
+    return (f"{word} than the base model by {abs(delta) * 100:.1f} points of accuracy on "
+            f"{int(n)} test scans ({final.get('compare/base_acc', math.nan):.1%} -> "
+            f"{final.get('compare/tuned_acc', math.nan):.1%})")
 
 
 def exit_code(status: JobStatus) -> int:

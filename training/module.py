@@ -8,7 +8,7 @@ own state dict in a core checkpoint; Lightning's ``.ckpt`` files are for resumin
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,33 @@ from torch import nn
 
 from lungvit.training.metrics import classification_report, scalar_metrics
 from lungvit.training.optim import parameter_groups
+
+
+def scaled_parameter_groups(model: nn.Module, weight_decay: float, lr: float,
+                            scales: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+    """AdamW groups of the trainable parameters: :func:`parameter_groups` split by rate.
+
+    Args:
+        model: the model to optimise.
+        weight_decay: decay of the weight matrices.
+        lr: the base learning rate.
+        scales: parameter name -> factor of ``lr`` (missing names: 1); None: one rate.
+
+    Returns:
+        Groups with ``params``, ``weight_decay`` and ``lr`` (one per decay setting and rate),
+        covering every parameter that requires a gradient once and no other.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for group in parameter_groups(model, weight_decay):
+        for p in group["params"]:
+            if not p.requires_grad:
+                continue
+            scale = 1.0 if scales is None else float(scales.get(names[id(p)], 1.0))
+            groups.setdefault((group["weight_decay"], scale), []).append(p)
+    return [{"params": params, "weight_decay": wd, "lr": lr * scale}
+            for (wd, scale), params in sorted(groups.items(), key=lambda kv: -kv[0][1])]
+
 
 def class_weights_from_counts(counts: Sequence[int]) -> torch.Tensor:
     """Inverse-frequency class weights, normalised so the average sample weight is 1.
@@ -71,6 +98,9 @@ class LungViTModule(L.LightningModule):
         class_weights: (C,) loss weights (training loss only), e.g. from
             :func:`class_weights_from_counts`; None: unweighted.
         grad_checkpointing: recompute each block's activations in backward (timm).
+        lr_scales: parameter name -> factor of ``lr`` (e.g. layer-wise decay, see
+            :mod:`lungvit.training.transfer`); None: one rate. Parameters with
+            ``requires_grad=False`` are left out of the optimizer.
 
     The validation loss (monitored by early stopping and checkpointing) is the plain,
     unweighted, unsmoothed cross-entropy, so runs with different settings compare.
@@ -80,7 +110,8 @@ class LungViTModule(L.LightningModule):
                  weight_decay: float = 0.05, warmup_steps: int | None = None,
                  warmup_frac: float = 0.05, min_lr_ratio: float = 0.01,
                  label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None,
-                 grad_checkpointing: bool = False) -> None:
+                 grad_checkpointing: bool = False,
+                 lr_scales: Mapping[str, float] | None = None) -> None:
         super().__init__()
         self.model = model
         self.labels = list(labels)
@@ -100,7 +131,8 @@ class LungViTModule(L.LightningModule):
             if not hasattr(model, "set_grad_checkpointing"):
                 raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
             model.set_grad_checkpointing(True)
-        self.save_hyperparameters(ignore=["model", "class_weights"])
+        self.lr_scales = dict(lr_scales) if lr_scales is not None else None
+        self.save_hyperparameters(ignore=["model", "class_weights", "lr_scales"])
         # Outputs of the running evaluation, and the reports of finished ones.
         self._eval_logits: list[torch.Tensor] = []
         self._eval_targets: list[torch.Tensor] = []
@@ -128,7 +160,8 @@ class LungViTModule(L.LightningModule):
         self.log("lr", opt.param_groups[0]["lr"], on_step=True, on_epoch=False, prog_bar=False)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(parameter_groups(self.model, self.weight_decay), lr=self.lr)
+        groups = scaled_parameter_groups(self.model, self.weight_decay, self.lr, self.lr_scales)
+        optimizer = torch.optim.AdamW(groups, lr=self.lr)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = (self.warmup_steps if self.warmup_steps is not None
                   else int(round(self.warmup_frac * total)))
@@ -184,7 +217,7 @@ class LungViTModule(L.LightningModule):
 
 
 class FreezeEarlyLayers(Callback):
-    """Keep the stem, the embeddings and the first blocks fixed for the first epochs.
+    """Keep the stem, the embeddings and the first blocks fixed for the first epochs (or all).
 
     Frozen parameters stay in the optimizer but have their gradients dropped after each
     backward pass (AdamW then leaves them, and their weight decay, untouched), and the
@@ -192,11 +225,14 @@ class FreezeEarlyLayers(Callback):
     unchanged under DDP, whose gradient buckets are fixed when the model is wrapped.
 
     Args:
-        epochs: epochs to keep them frozen (unfrozen at the start of epoch ``epochs``).
+        epochs: epochs to keep them frozen (unfrozen at the start of epoch ``epochs``);
+            None: the whole run (the transfer policy ``head`` also sets their
+            ``requires_grad`` off, which this callback complements by keeping the stem's
+            BatchNorm statistics fixed).
         blocks: leading transformer blocks frozen with the stem; None: half of them.
     """
 
-    def __init__(self, epochs: int, blocks: int | None = None) -> None:
+    def __init__(self, epochs: int | None, blocks: int | None = None) -> None:
         self.epochs = epochs
         self.blocks = blocks
         self._announced = False
@@ -214,7 +250,7 @@ class FreezeEarlyLayers(Callback):
         return params
 
     def _active(self, trainer: L.Trainer) -> bool:
-        return trainer.current_epoch < self.epochs
+        return self.epochs is None or trainer.current_epoch < self.epochs
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
                              batch: Any, batch_idx: int) -> None:
@@ -224,7 +260,7 @@ class FreezeEarlyLayers(Callback):
                 for sub in m.modules():
                     if isinstance(sub, nn.modules.batchnorm._BatchNorm):
                         sub.eval()
-        elif not self._announced and self.epochs > 0:
+        elif not self._announced and self.epochs:
             self._announced = True
             rank_zero_info(f"epoch {trainer.current_epoch}: unfreezing the stem and early blocks")
 

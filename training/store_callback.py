@@ -17,10 +17,12 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from lungvit.training.compare import comparison_scalars, describe_comparison
 from lungvit.training.data import file_sha256
 from lungvit.training.fit import FitResult
 from lungvit.training.metrics import scalar_metrics
 from lungvit.training.store import Store, open_store
+from lungvit.training.transfer import describe_run
 
 MONITOR = "val/loss"  # what "best" means: the lowest validation loss
 STEP_SUFFIX = "_step"
@@ -179,13 +181,26 @@ class StoreCallback(Callback):
         self.store.set_result(self.job_id, path, final_metrics(result))
         self.event(f"final model written: {Path(path).name} (v{version}, "
                    f"{os.path.getsize(path) / 1e6:.1f} MB on {socket.gethostname()})")
+        for line in describe_run(result.transfer, None).splitlines():
+            self.event(line)
+        comparison = describe_comparison(result.comparison)
+        if comparison:
+            self.event(" ".join(comparison.split()),
+                       "warning" if result.comparison.get("error") else "info")
 
 
 def final_metrics(result: FitResult) -> dict[str, float]:
-    """The scalars the store keeps as a job's final metrics (``compare`` shows them)."""
+    """The scalars the store keeps as a job's final metrics (``compare`` shows them).
+
+    Besides the test and validation metrics: the base-vs-tuned comparison on the test
+    split as ``compare/base_acc``, ``compare/tuned_acc``, ``compare/delta_acc`` (and the
+    same for ``macro_recall``), ``compare/n_test``, ``compare/n_test_total`` and
+    ``compare/better`` (1 or 0), when the run had a base model to compare with.
+    """
     out: dict[str, float] = {}
     for prefix, report in (("test/", result.test_metrics), ("val/", result.metrics)):
         out.update({prefix + k: v for k, v in scalar_metrics(report).items()})
     out.update(temperature=float(result.temperature), steps=float(result.steps),
                epochs=float(result.epochs), train_time_s=float(result.wall_time_s))
+    out.update(comparison_scalars(result.comparison))
     return out

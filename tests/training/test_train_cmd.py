@@ -37,6 +37,12 @@ def test_options_map_onto_the_training_config() -> None:
     # Options left out keep the dataclass defaults.
     plain = config_from_args(_parse("--data", "d", "--out", "m"))
     assert (plain.epochs, plain.lr, plain.augment, plain.variant) == (10, 1e-3, True, None)
+    assert (plain.transfer, plain.compare_to) == ("auto", None)
+    tuned = config_from_args(_parse("--data", "d", "--out", "m", "--transfer", "llrd",
+                                    "--compare-to", "other.safetensors"))
+    assert (tuned.transfer, tuned.compare_to) == ("llrd", "other.safetensors")
+    with pytest.raises(SystemExit):
+        _parse("--data", "d", "--out", "m", "--transfer", "everything")
 
 
 def test_the_command_module_imports_cheaply() -> None:
@@ -54,7 +60,8 @@ def test_help_names_every_option() -> None:
     for option in ("--data", "--out", "--variant", "--from", "--epochs", "--max-steps",
                    "--global-batch", "--class-weighting", "--grad-checkpointing",
                    "--val-every", "--checkpoint-every", "--freeze-stem-epochs",
-                   "--loader-workers", "--run-dir", "--resume", "--fast-dev-run"):
+                   "--loader-workers", "--run-dir", "--resume", "--fast-dev-run",
+                   "--transfer", "--compare-to"):
         assert option in out.stdout, option
     from lungvit.core.model import DEFAULT_VARIANT  # the help names the real default
     assert f"default: {DEFAULT_VARIANT}" in " ".join(out.stdout.split())

@@ -1,11 +1,13 @@
 """A real job end to end: ``lungvit train --workers 2`` on Ray (CPU), DICOM phantoms.
 
 The one Ray-backed test of the default run: the job completes; its metrics, checkpoints
-and final model land in the store; the model loads and predicts; the database holds none
-of the phantoms' patient data; no Ray process is left.
+and final model land in the store with its comparison against a given model (one that
+reads 64 px scans, the job 32 px) on its test split; the model loads and predicts; the
+database holds none of the phantoms' patient data; no Ray process is left.
 """
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -29,12 +31,13 @@ def test_train_on_ray_lands_in_the_store(tmp_path: Path, dicom_data: Path, cache
     db = tmp_path / "store" / "lungvit.db"
     url = f"sqlite:///{db}"
     out = tmp_path / "model.safetensors"
+    other = _other_model(tmp_path / "other.safetensors")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     proc = popen([sys.executable, "-m", "lungvit.core.cli", "train", "--data", str(dicom_data),
                   "--out", str(out), "--variant", "lungvit_tiny", "--input-size", "32",
                   "--epochs", str(EPOCHS), "--batch-size", "8", "--no-augment",
                   "--patience", "0", "--cache-dir", str(cache_dir),
-                  "--workers", "2", "--db", url],
+                  "--workers", "2", "--db", url, "--compare-to", str(other)],
                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     stdout, stderr = proc.communicate(timeout=560)
     assert proc.returncode == 0, stderr[-4000:]
@@ -84,4 +87,30 @@ def test_train_on_ray_lands_in_the_store(tmp_path: Path, dicom_data: Path, cache
     for value in PHI_SENTINELS.values():
         assert value.encode() not in stored, value
 
+    # The comparison with the given model, recomputed through the app's decoding path.
+    with open(Path(job.run_dir) / "split.csv", newline="") as f:
+        test = [(dicom_data / r["path"], r["label"]) for r in csv.DictReader(f)
+                if r["split"] == "test"]
+    base = Predictor.from_checkpoint(other)
+    right = sum(next(iter(base.predict_files([p]))).label == y for p, y in test)
+    final = job.final_metrics
+    assert final["compare/n_test"] == len(test) == final["compare/n_test_total"]
+    assert final["compare/base_acc"] == pytest.approx(right / len(test), abs=1 / len(test))
+    assert final["compare/tuned_acc"] == pytest.approx(final["test/acc"], abs=1 / len(test))
+    assert any(m.startswith("transfer policy: none") for m in messages)
+    assert any(f"on {len(test)} test scans" in m for m in messages)
+    assert "than the base model by" in stdout
+
     assert session_processes(proc.pid) == {}, "Ray processes outlived the job"
+
+
+def _other_model(path: Path) -> Path:
+    """An untrained 64 px model of the nine classes to compare the job's model with."""
+    import torch
+
+    from lungvit.core.checkpoint import CheckpointInfo, save_checkpoint
+    from lungvit.core.model import create_model
+
+    torch.manual_seed(3)
+    save_checkpoint(path, create_model("lungvit_tiny").eval(), CheckpointInfo())
+    return path
