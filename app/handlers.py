@@ -129,17 +129,21 @@ def _metadata(scan: Any, show_phi: bool) -> dict[str, Any]:
 
 @user_errors
 def show_scan(ctx: AppContext, files: Sequence[Any] | None, selected: str | None,
-              preset: str, center: float | None, width: float | None, show_phi: bool
+              preset: str, center: float | None, width: float | None, show_phi: bool,
+              choice: str | None = None
               ) -> tuple[str, str, dict[str, float], str, dict[str, Any],
                          dict[str, Any], float | None, float | None]:
-    """Read one scan with the chosen window and predict it.
+    """Read one scan with the chosen window and predict it with the session's model.
+
+    Args:
+        choice: the session's model (a path; None: the app's default), from its gr.State.
 
     Returns:
         (PNGs of what the model saw and of its input, probabilities, flags Markdown, metadata,
         the window presets that suit the scan's modality (choices and the one used), and
         the level and width it was shown with).
     """
-    predictor = ctx.holder.require()
+    predictor = ctx.model_for(choice).predictor
     path = _pick(ctx, _files(ctx, files), selected)
     shown = load_windowed(path, preset, center, width, include_phi=bool(show_phi))
     scan = shown.scan
@@ -156,16 +160,16 @@ def show_scan(ctx: AppContext, files: Sequence[Any] | None, selected: str | None
 
 @user_errors
 def predict_batch(ctx: AppContext, files: Sequence[Any] | None, preset: str,
-                  center: float | None, width: float | None
+                  center: float | None, width: float | None, choice: str | None = None
                   ) -> tuple[list[list[Any]], str, dict[str, Any]]:
-    """Predict every uploaded scan.
+    """Predict every uploaded scan with the session's model (``choice``, see show_scan).
 
     Returns:
         (table rows, CSV file path, a dropdown update listing the scans).
     """
     from lungvit.core.errors import ScanReadError
 
-    predictor = ctx.holder.require()
+    predictor = ctx.model_for(choice).predictor
     paths = _files(ctx, files)
     rows: list[list[Any]] = []
     names = [display_name(p, ctx.unpack_dir()) for p in paths]
@@ -193,9 +197,11 @@ def predict_batch(ctx: AppContext, files: Sequence[Any] | None, preset: str,
 @user_errors
 def explain_scan(ctx: AppContext, files: Sequence[Any] | None, selected: str | None,
                  preset: str, center: float | None, width: float | None,
-                 methods: Sequence[str] | None, target: str | None, opacity: float
+                 methods: Sequence[str] | None, target: str | None, opacity: float,
+                 choice: str | None = None
                  ) -> tuple[list[tuple[str, str]], list[list[Any]], list[str]]:
-    """Explain one scan with the chosen methods, for the predicted or a chosen class.
+    """Explain one scan with the chosen methods, for the predicted or a chosen class, with
+    the session's model (``choice``, see show_scan).
 
     Returns:
         (gallery of (overlay PNG, caption with its faithfulness), faithfulness rows,
@@ -207,7 +213,8 @@ def explain_scan(ctx: AppContext, files: Sequence[Any] | None, selected: str | N
     chosen = [METHOD_LABELS.get(m, m) for m in methods or []]
     if not chosen:
         raise gr.Error("Pick at least one explanation method")
-    predictor = ctx.holder.require()
+    served = ctx.model_for(choice)
+    predictor = served.predictor
     path = _pick(ctx, _files(ctx, files), selected)
     name = display_name(path, ctx.unpack_dir())
     scan = load_windowed(path, preset, center, width).scan
@@ -243,7 +250,7 @@ def explain_scan(ctx: AppContext, files: Sequence[Any] | None, selected: str | N
     report = out_dir / f"{Path(name).stem}-report.html"
     report.write_text(build_report(
         name=name, image=to_uint8(scan.pixels), prediction=pred.to_dict(), explanations=parts,
-        model=ctx.holder.describe(), demo=ctx.holder.is_demo(),
+        model=served.describe(), demo=served.is_demo(),
         version=_version(), report_id=uuid.uuid4().hex[:12]), encoding="utf-8")
     downloads.append(str(report))
     return gallery, rows, downloads

@@ -20,6 +20,7 @@ from lungvit.app import plots
 from lungvit.app.handlers import user_errors
 from lungvit.app.state import AppContext
 from lungvit.app.uploads import extract_zip
+from lungvit.app.verdict import job_verdict, warning_markdown
 
 BASE_MODELS = ("Current model", "lungvit_tiny (from scratch)", "lungvit_ref64 (from scratch)",
                "lungvit_s128 (from scratch)")
@@ -89,12 +90,17 @@ def preview_dataset(ctx: AppContext, folder: str | None, archive: Any
 @user_errors
 def start_finetune(ctx: AppContext, folder: str | None, archive: Any, epochs: float,
                    workers: float, use_gpu: bool, batch_size: float, lr: float,
-                   base_model: str, max_steps: float | None = None) -> tuple[int, str]:
+                   base_model: str, max_steps: float | None = None,
+                   choice: str | None = None) -> tuple[int, str]:
     """Queue a fine-tune job and start its process.
+
+    "Current model" fine-tunes the session's model (``choice``; None: the app's default);
+    a run from scratch is compared with it on its test split when it ends.
 
     Returns:
         (the job's id, a status line).
     """
+    from lungvit.core.errors import CheckpointError
     from lungvit.training.data import preview
     from lungvit.training.jobs import launch_job
 
@@ -106,16 +112,17 @@ def start_finetune(ctx: AppContext, folder: str | None, archive: Any, epochs: fl
                              "batch_size": int(batch_size), "lr": float(lr)}
     if max_steps:
         train["max_steps"] = int(max_steps)
+    try:
+        current = ctx.model_for(choice).path
+    except CheckpointError:  # no usable model: fine-tune from scratch, compare with nothing
+        current = None
     if base_model == BASE_MODELS[0] or not base_model:
-        predictor = ctx.holder.get()
-        if predictor is not None:
-            from lungvit.core.predict import bundled_model_path
-
-            source = ctx.holder.source or bundled_model_path()
-            if source is not None:
-                train["from_checkpoint"] = str(source)
+        if current is not None:
+            train["from_checkpoint"] = str(current)
     else:
         train["variant"] = base_model.split(" ")[0]
+        if current is not None:
+            train["compare_to"] = str(current)
     request = {"train": train, "workers": max(1, int(workers)), "use_gpu": bool(use_gpu)}
     job_id = launch_job(request, db_url=ctx.paths.db_url, name=f"fine-tune {root.name}")
     return job_id, f"Job {job_id} queued; its process is starting."
@@ -177,30 +184,43 @@ def cancel_job(ctx: AppContext, job_id: float | None) -> str:
 
 
 def _result_report(ctx: AppContext, job: Any) -> dict[str, Any]:
-    """The final evaluation kept in the job's resulting checkpoint (per class, matrix)."""
+    """The final evaluation kept in the job's resulting checkpoint (per class, matrix,
+    the transfer policy and the comparison with the base model)."""
     if not job.result_checkpoint_path or not Path(job.result_checkpoint_path).is_file():
         return {}
     from lungvit.core.checkpoint import read_checkpoint_info
 
     metrics = read_checkpoint_info(job.result_checkpoint_path).metrics
-    return {"test": metrics.get("test") or {}, "val": metrics.get("val") or {}}
+    return {key: metrics.get(key) or {} for key in ("test", "val", "transfer", "comparison")}
+
+
+def _verdict(ctx: AppContext, job: Any, final: dict[str, float]) -> Any:
+    """The job's :class:`~lungvit.app.verdict.Verdict` (None while it has no model)."""
+    if job.status != "succeeded" or not job.result_checkpoint_path:
+        return None
+    comparison = _result_report(ctx, job).get("comparison") or {}
+    return job_verdict(final, comparison.get("base_model"))
 
 
 @user_errors
 def job_results(ctx: AppContext, job_id: float | None
-                ) -> tuple[list[list[Any]], Any, str, dict[str, Any]]:
-    """Per-class metrics, confusion matrix and calibration of a finished job.
+                ) -> tuple[list[list[Any]], Any, str, dict[str, Any], str, dict[str, Any]]:
+    """Per-class metrics, confusion matrix, calibration and verdict of a finished job.
 
     Returns:
         (per-class rows, confusion matrix figure, calibration Markdown, update of the
-        "use this model" button).
+        "use this model" button, the verdict: better / worse than the current model by
+        how much on how many test scans, with its warnings, and an update of the "use it
+        anyway" box: shown, unticked, when the verdict warns).
     """
     if not job_id:
-        return [], None, "", gr.update(interactive=False)
+        return [], None, "", gr.update(interactive=False), "", gr.update(visible=False,
+                                                                          value=False)
     with _store(ctx) as store:
         job = store.get_job(int(job_id))
         final = store.final_metrics(job.id)
-    report = _result_report(ctx, job).get("test", {})
+    full = _result_report(ctx, job)
+    report = full.get("test", {})
     rows = [[label, round(m.get("precision", 0), 3), round(m.get("recall", 0), 3),
              round(m.get("f1", 0), 3), m.get("support", 0)]
             for label, m in (report.get("per_class") or {}).items()]
@@ -212,24 +232,47 @@ def job_results(ctx: AppContext, job_id: float | None
                       ("temperature", "Softmax temperature")):
         if key in final and not math.isnan(final[key]):
             calib.append(f"- {name}: {final[key]:.3f}")
+    policy = full.get("transfer") or {}
+    if policy.get("name"):
+        calib.append(f"- Transfer policy: {policy['name']}"
+                     + (f" ({html.escape(policy['reason'])})" if policy.get("reason") else ""))
     done = job.status == "succeeded" and bool(job.result_checkpoint_path)
-    return rows, fig, "\n".join(calib) or "No results yet.", gr.update(interactive=done)
+    verdict = _verdict(ctx, job, final)
+    text = warning_markdown(verdict) if verdict is not None else ""
+    ack = gr.update(visible=bool(verdict and verdict.needs_confirmation), value=False)
+    return (rows, fig, "\n".join(calib) or "No results yet.", gr.update(interactive=done),
+            text, ack)
 
 
 @user_errors
-def use_job_model(ctx: AppContext, job_id: float | None) -> str:
-    """Serve a finished job's model from now on (no restart) and mark it promoted."""
+def use_job_model(ctx: AppContext, job_id: float | None, acknowledged: bool = False
+                  ) -> tuple[str, str]:
+    """Use a finished job's model in this browser session (other sessions keep theirs).
+
+    A model that is not better than the current one on its test split, or whose
+    comparison rests on fewer than 30 test scans, is used only once ``acknowledged``.
+
+    Returns:
+        (a status line, the session's new model choice: the model's path).
+    """
     if not job_id:
         raise gr.Error("Pick a finished job first")
     with _store(ctx) as store:
         job = store.get_job(int(job_id))
         if job.status != "succeeded" or not job.result_checkpoint_path:
             raise gr.Error(f"Job {job.id} is {job.status}; only a finished job's model can be used")
+        verdict = _verdict(ctx, job, store.final_metrics(job.id))
+        if verdict is not None and verdict.needs_confirmation and not acknowledged:
+            raise gr.Error("Not switched. " + html.escape(" ".join(verdict.warnings))
+                           + " Tick \"use it anyway\" to use it all the same.")
+        ctx.sessions.load(job.result_checkpoint_path)
         ckpts = [c for c in store.checkpoints(job.id) if c.path == job.result_checkpoint_path]
-        ctx.holder.load(job.result_checkpoint_path)
         if ckpts:
             store.promote(job.id, ckpts[-1].version)
-    return f"Now serving the model of job {job.id}: {ctx.holder.describe()}"
+    served = ctx.model_for(job.result_checkpoint_path)
+    return (f"This browser session now uses the model of job {job.id}: {served.describe()} "
+            "(other users keep theirs; \"Back to the bundled model\" in the Model tab undoes "
+            "it).", str(served.path))
 
 
 # ----------------------------------------------------------------------------- runs tab
@@ -253,14 +296,16 @@ def list_runs(ctx: AppContext) -> tuple[list[list[Any]], dict[str, Any], dict[st
 
 @user_errors
 def run_details(ctx: AppContext, job_id: str | None
-                ) -> tuple[Any, Any, list[list[Any]], dict[str, Any], str]:
-    """One run: curves, confusion matrix, per-class table, configuration, model card."""
+                ) -> tuple[Any, Any, list[list[Any]], dict[str, Any], str, str]:
+    """One run: curves, confusion matrix, per-class table, configuration, model card, and
+    how its model compares with the one it started from on its test split."""
     if not job_id:
-        return None, None, [], {}, "Select a run."
-    rows, cm, _, _ = job_results(ctx, float(job_id))
+        return None, None, [], {}, "Select a run.", ""
+    rows, cm = job_results(ctx, float(job_id))[:2]
     with _store(ctx) as store:
         job = store.get_job(int(job_id))
         series = store.metrics(job.id)
+        verdict = _verdict(ctx, job, store.final_metrics(job.id))
     card = "This run has no model yet."
     if job.result_checkpoint_path and Path(job.result_checkpoint_path).is_file():
         from lungvit.core.checkpoint import read_checkpoint_info
@@ -268,7 +313,10 @@ def run_details(ctx: AppContext, job_id: str | None
 
         card = model_card(read_checkpoint_info(job.result_checkpoint_path))
     config = json.loads(json.dumps(job.resolved_config or job.request_config, default=str))
-    return plots.training_curves(series), cm, rows, config, card
+    compared = ""
+    if verdict is not None:
+        compared = "\n".join([verdict.text, *(f"- {w}" for w in verdict.warnings)])
+    return plots.training_curves(series), cm, rows, config, card, compared
 
 
 @user_errors
@@ -294,53 +342,3 @@ def resume_run(ctx: AppContext, job_id: str | None) -> str:
         raise gr.Error("Select an interrupted run")
     resume_job(int(job_id), db_url=ctx.paths.db_url)
     return f"Run {int(job_id)} is resuming from its last checkpoint."
-
-
-# ----------------------------------------------------------------------------- model tab
-@user_errors
-def model_summary(ctx: AppContext) -> tuple[str, str, dict[str, Any]]:
-    """(banner Markdown, model card Markdown, target class choices) of the served model."""
-    from lungvit.app.handlers import PREDICTED
-    from lungvit.core.model_card import model_card
-
-    predictor = ctx.holder.get()
-    if predictor is None:
-        banner = ("**No model is loaded.** " + html.escape(ctx.holder.error or "")
-                  + " Load a checkpoint in the Model tab.")
-        return banner, "No model loaded.", gr.update(choices=[PREDICTED], value=PREDICTED)
-    banner = f"Serving **{html.escape(ctx.holder.describe())}**."
-    if ctx.holder.is_demo():
-        banner = ("**Demo model: not for clinical use.** It was trained on synthetic "
-                  "phantoms only. " + banner)
-    else:
-        banner = "Research software, not a medical device. " + banner
-    return (banner, model_card(predictor.info),
-            gr.update(choices=[PREDICTED, *predictor.labels], value=PREDICTED))
-
-
-@user_errors
-def load_model_file(ctx: AppContext, upload: Any, reference: bool, labels: str | None
-                    ) -> tuple[str, str, dict[str, Any]]:
-    """Serve an uploaded LungViT checkpoint, or import a reference-design ``.pth``."""
-    if not upload:
-        raise gr.Error("Upload a checkpoint file first")
-    src = Path(upload if isinstance(upload, str) else upload.name)
-    ctx.paths.models_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    if reference:
-        from lungvit.core.checkpoint import import_reference, save_checkpoint
-
-        names = [x.strip() for x in (labels or "").split(",") if x.strip()] or None
-        model, info = import_reference(src, labels=names)
-        dest = ctx.paths.models_dir / f"imported-{stamp}.safetensors"
-        save_checkpoint(dest, model, info)
-    else:
-        dest = ctx.paths.models_dir / f"{stamp}-{Path(src.name).name}"
-        shutil.copyfile(src, dest)
-    try:
-        ctx.holder.load(dest)
-    except Exception:
-        dest.unlink(missing_ok=True)
-        raise
-    return model_summary(ctx)
-

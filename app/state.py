@@ -1,8 +1,19 @@
-"""The served model: loaded once, shared by every session, swappable without a restart."""
+"""The models the app serves: the default one, and the ones browser sessions chose.
+
+The app starts with one default model (``--model``, else the bundled one), loaded once and
+shared. A browser session may switch to another model (a fine-tune's result, or a file it
+loaded in the Model tab) for itself only: the session keeps the choice in a ``gr.State``
+(the model file's path; None for the default) and :meth:`AppContext.model_for` turns it
+into the model to use. :class:`SessionModels` loads each chosen file once, shares it
+between sessions that chose the same file, and forgets the least recently used past a few.
+Other sessions never see a switch; "Back to the bundled model" sets the state to None.
+"""
 from __future__ import annotations
 
+import html
 import threading
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,10 +41,10 @@ class AppPaths:
 
 
 class ModelHolder:
-    """Holds the :class:`Predictor` being served; loads it once, on first use.
+    """Holds the app's default :class:`Predictor`; loads it once, on first use.
 
     Args:
-        source: a checkpoint path, or None for the bundled demo model.
+        source: a checkpoint path, or None for the bundled model.
     """
 
     def __init__(self, source: str | Path | None = None) -> None:
@@ -45,7 +56,7 @@ class ModelHolder:
 
     @property
     def source(self) -> Path | None:
-        """The checkpoint file being served (None: the bundled demo model)."""
+        """The default checkpoint file (None: the bundled model)."""
         return self._source
 
     def get(self) -> Predictor | None:
@@ -74,20 +85,6 @@ class ModelHolder:
                                   "in the Model tab")
         return predictor
 
-    def load(self, path: str | Path) -> Predictor:
-        """Serve the checkpoint at ``path`` from now on (the old model stays if it fails).
-
-        Raises:
-            CheckpointError: the file is not a usable checkpoint.
-        """
-        from lungvit.core.predict import Predictor
-
-        predictor = Predictor.from_checkpoint(path)  # outside the lock: serving goes on
-        with self._lock:
-            self._predictor, self._source = predictor, Path(path)
-            self._error, self._loaded = None, True
-        return predictor
-
     def _load_locked(self, source: Path | None) -> None:
         from lungvit.core.errors import CheckpointError
         from lungvit.core.predict import Predictor
@@ -99,25 +96,125 @@ class ModelHolder:
         except CheckpointError as exc:
             self._predictor, self._error = None, str(exc)
 
+    def served(self) -> ServedModel:
+        """The default model as served.
+
+        Raises:
+            CheckpointError: it could not be loaded.
+        """
+        from lungvit.core.predict import bundled_model_path
+
+        return ServedModel(self.require(), self._source or bundled_model_path(), default=True,
+                           bundled=self._source is None)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """The model one request uses, and what to call it.
+
+    Attributes:
+        predictor: the loaded model.
+        path: its checkpoint file (None if unknown).
+        default: it is the app's default model (not a session's own choice).
+        bundled: it is the bundled model.
+    """
+
+    predictor: Predictor
+    path: Path | None
+    default: bool = True
+    bundled: bool = False
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.predictor.labels
+
     def is_demo(self) -> bool:
-        """Whether the served model is the bundled demo (or says it is synthetic/demo)."""
-        predictor = self.get()
-        if predictor is None:
-            return False
-        if self._source is None:
-            return True
-        info = predictor.info
+        """Whether its card says it is a demo trained on synthetic/phantom images."""
+        info = self.predictor.info
         text = " ".join((info.notes, info.intended_use, info.provenance.dataset)).lower()
         return any(w in text for w in ("demo", "synthetic", "phantom"))
 
     def describe(self) -> str:
-        """One line naming the served model."""
-        predictor = self.get()
-        if predictor is None:
-            return "No model loaded"
-        name = self._source.name if self._source else "bundled demo model"
-        info = predictor.info
-        return f"{name} ({info.variant}, {len(predictor.labels)} classes)"
+        """One line naming the model."""
+        name = ("bundled model" if self.bundled else
+                self.path.name if self.path is not None else "model")
+        info = self.predictor.info
+        return f"{name} ({info.variant}, {len(self.labels)} classes)"
+
+    def covered_classes(self) -> str:
+        """Markdown: the classes the model can answer with (its label list)."""
+        counts = self.predictor.info.provenance.class_counts or {}
+        shown = [f"{html.escape(c)} ({counts[c]} training images)" if c in counts
+                 else html.escape(c) for c in self.labels]
+        who = "This session's model" if not self.default else "The model"
+        return (f"{who} covers **{len(self.labels)} classes**: " + ", ".join(shown)
+                + ". It can only answer with one of these.")
+
+
+class SessionModels:
+    """Models chosen by browser sessions, loaded once per file and shared.
+
+    Only files registered with :meth:`allow` (a job's result, a file loaded through the
+    Model tab) can be served, whatever a session's state says.
+
+    Args:
+        max_models: loaded models kept at most (the least recently used is dropped; a
+            session that still wants it loads it again).
+    """
+
+    def __init__(self, max_models: int = 4) -> None:
+        self.max_models = max_models
+        self._models: OrderedDict[Path, Predictor] = OrderedDict()
+        self._allowed: set[Path] = set()
+        self._lock = threading.Lock()
+
+    def allow(self, path: str | Path) -> Path:
+        """Let sessions choose this file; returns its resolved path."""
+        resolved = Path(path).resolve()
+        with self._lock:
+            self._allowed.add(resolved)
+        return resolved
+
+    def get(self, path: str | Path) -> Predictor:
+        """The model of ``path``, loaded on first use.
+
+        Raises:
+            CheckpointError: the file was never allowed, or is not a usable checkpoint.
+        """
+        from lungvit.core.errors import CheckpointError
+        from lungvit.core.predict import Predictor
+
+        resolved = Path(path).resolve()
+        with self._lock:
+            if resolved not in self._allowed:
+                raise CheckpointError(f"{resolved.name} is not a model this app loaded; load "
+                                      "it in the Model tab")
+            if resolved in self._models:
+                self._models.move_to_end(resolved)
+                return self._models[resolved]
+        predictor = Predictor.from_checkpoint(resolved)  # outside the lock: serving goes on
+        with self._lock:
+            self._models[resolved] = predictor
+            self._models.move_to_end(resolved)
+            while len(self._models) > self.max_models:
+                self._models.popitem(last=False)
+        return predictor
+
+    def load(self, path: str | Path) -> Predictor:
+        """Allow ``path`` and load it (to check it before a session switches to it).
+
+        Raises:
+            CheckpointError: it is not a usable checkpoint (it is not allowed then).
+        """
+        from lungvit.core.errors import CheckpointError
+
+        resolved = self.allow(path)
+        try:
+            return self.get(resolved)
+        except CheckpointError:
+            with self._lock:
+                self._allowed.discard(resolved)
+            raise
 
 
 @dataclass
@@ -125,12 +222,24 @@ class AppContext:
     """What every handler needs: the served model and where things live.
 
     Attributes:
-        holder: the served model.
+        holder: the app's default model.
         paths: the app's folders and store.
+        sessions: models that browser sessions switched to.
     """
 
     holder: ModelHolder
     paths: AppPaths
+    sessions: SessionModels = field(default_factory=SessionModels)
+
+    def model_for(self, choice: str | None) -> ServedModel:
+        """The model a session uses: its own choice (a path), or the default (None).
+
+        Raises:
+            CheckpointError: that model cannot be loaded.
+        """
+        if not choice:
+            return self.holder.served()
+        return ServedModel(self.sessions.get(choice), Path(choice), default=False)
 
     def scratch(self, kind: str) -> Path:
         """A fresh folder under the gradio upload cache (files there can be downloaded)."""
@@ -156,7 +265,7 @@ def make_context(model: str | Path | None = None, *, db_url: str | None = None,
     """The app's context: its folders, the store URL and the (not yet loaded) model.
 
     Args:
-        model: a checkpoint to serve; None: the bundled demo model.
+        model: the default checkpoint to serve; None: the bundled model.
         db_url: the store's SQLAlchemy URL; default ``<data_dir>/lungvit.db``.
         data_dir: the app's data directory; default the store's default directory.
 

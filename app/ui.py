@@ -7,6 +7,7 @@ from typing import Any
 
 import gradio as gr
 
+from lungvit.app import handlers_model as m
 from lungvit.app import handlers_train as t
 from lungvit.app.security import HostCheckMiddleware, allowed_host_names
 from lungvit.app.state import AppContext, make_context
@@ -33,8 +34,9 @@ def build_app(context: AppContext | None = None, *, model: str | Path | None = N
     """Build the LungViT Blocks app (nothing heavy is loaded until first use).
 
     Args:
-        context: the served model and folders; built from the other arguments if None.
-        model: a checkpoint to serve (None: the bundled demo model).
+        context: the default model and folders; built from the other arguments if None.
+        model: the default checkpoint to serve (None: the bundled model); each browser
+            session may switch to another for itself.
         db_url: the tracking store's URL.
         data_dir: the app's data directory.
         model_concurrency: events that may run the network at once.
@@ -46,26 +48,31 @@ def build_app(context: AppContext | None = None, *, model: str | Path | None = N
     ctx = context or make_context(model, db_url=db_url, data_dir=data_dir)
     with gr.Blocks(title="LungViT", delete_cache=(3600, 86400)) as app:
         app.lungvit_context = ctx  # type: ignore[attr-defined]  # for launch_options
+        # This browser session's model: a checkpoint path, or None for the app's default.
+        # Switching it changes the model of this session only.
+        model_state = gr.State(None)
         with gr.Row():
             gr.Markdown("## LungViT: chest X-ray and retinal OCT classifier", scale=0,
                         min_width=420)
             banner = gr.Markdown("Loading the model...", elem_id="banner")
         with gr.Tabs():
             with gr.Tab("Predict & explain", id="predict"):
-                target = build_predict_tab(ctx, model_concurrency)
+                target, covered = build_predict_tab(ctx, model_concurrency, model_state)
             with gr.Tab("Fine-tune", id="finetune"):
-                used = build_finetune_tab(ctx)
+                used = build_finetune_tab(ctx, model_state)
             with gr.Tab("Runs", id="runs"):
                 run_outputs = build_runs_tab(ctx)
             with gr.Tab("Model", id="model"):
-                card, load, upload, reference, labels = build_model_tab(ctx)
-        summary = partial(t.model_summary, ctx)
-        app.load(summary, None, [banner, card, target], api_name="model_summary",
-                 show_progress="hidden")
-        used.success(summary, None, [banner, card, target], api_name="model_summary_after_use",
+                tab = build_model_tab(ctx)
+        shown = [banner, tab.card, target, covered, tab.covered]
+        summary = partial(m.model_summary, ctx)
+        app.load(summary, model_state, shown, api_name="model_summary", show_progress="hidden")
+        used.success(summary, model_state, shown, api_name="model_summary_after_use",
                      show_progress="hidden")
-        load.click(partial(t.load_model_file, ctx), [upload, reference, labels],
-                   [banner, card, target], api_name="load_model", concurrency_limit=1)
+        tab.load.click(partial(m.load_model_file, ctx), [tab.upload, tab.reference, tab.labels],
+                       [model_state, *shown], api_name="load_model", concurrency_limit=1)
+        tab.back.click(partial(m.use_default_model, ctx), None, [model_state, *shown],
+                       api_name="use_default_model")
         app.load(partial(t.list_runs, ctx), None, run_outputs, api_name="list_runs_on_load")
     app.queue(max_size=max_queue, default_concurrency_limit=4)
     return app

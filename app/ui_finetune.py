@@ -11,9 +11,20 @@ from lungvit.app.state import AppContext
 POLL_S = 2.0
 
 
-def build_finetune_tab(ctx: AppContext, data_dir_hint: str = "") -> gr.events.Dependency:
-    """Lay out the tab and wire its events. Returns the "use this model" event (the
-    caller refreshes what names the served model after it)."""
+def build_finetune_tab(ctx: AppContext, model_state: gr.State,
+                       data_dir_hint: str = "") -> gr.events.Dependency:
+    """Lay out the tab and wire its events.
+
+    Args:
+        ctx: the app's context.
+        model_state: the session's model choice: "Current model" fine-tunes it, and "Use
+            this model" switches it (this session only).
+        data_dir_hint: placeholder of the dataset folder box.
+
+    Returns:
+        The "use this model" event (the caller refreshes what names the session's model
+        after it).
+    """
     gr.Markdown("Fine-tune the model on your own labelled scans: a folder with one "
                 "sub-folder per class (e.g. `lung-normal/`, `lung-covid/`). Nothing starts "
                 "until you press **Fine-tune**.")
@@ -53,10 +64,16 @@ def build_finetune_tab(ctx: AppContext, data_dir_hint: str = "") -> gr.events.De
                                      interactive=False, label="Per class (test split)")
             cm = gr.Plot(label="Confusion matrix", show_label=False)
         calibration = gr.Markdown()
+        # Better / worse than the current model on the job's test split, and the warnings
+        # the user must acknowledge (the box) before a model that is not better, or was
+        # compared on fewer than 30 scans, can be used.
+        verdict = gr.Markdown(elem_id="job-verdict")
+        anyway = gr.Checkbox(False, label="I have read the warning: use it anyway",
+                             visible=False, elem_id="use-anyway")
         with gr.Row():
-            use = gr.Button("Use this model", variant="primary", interactive=False,
-                            elem_id="use-model")
-            used = gr.Markdown()
+            use = gr.Button("Use this model (this browser session)", variant="primary",
+                            interactive=False, elem_id="use-model")
+            used = gr.Markdown(elem_id="use-model-status")
     timer = gr.Timer(POLL_S, active=False)
 
     dataset = [folder, archive]
@@ -65,12 +82,13 @@ def build_finetune_tab(ctx: AppContext, data_dir_hint: str = "") -> gr.events.De
     status_fn = partial(t.job_status, ctx)
     results_fn = partial(t.job_results, ctx)
     start.click(partial(t.start_finetune, ctx),
-                [*dataset, epochs, workers, gpu, batch, lr, base, max_steps],
+                [*dataset, epochs, workers, gpu, batch, lr, base, max_steps, model_state],
                 [job, status], api_name="start_finetune", concurrency_limit=1,
                 ).success(status_fn, job, [status, curves, events, timer], api_name="job_status")
     timer.tick(status_fn, job, [status, curves, events, timer], api_name="poll_job",
-               show_progress="hidden").then(results_fn, job, [per_class, cm, calibration, use],
+               show_progress="hidden").then(results_fn, job,
+                                           [per_class, cm, calibration, use, verdict, anyway],
                                            api_name="job_results", show_progress="hidden")
     cancel.click(partial(t.cancel_job, ctx), job, status, api_name="cancel_job")
-    return use.click(partial(t.use_job_model, ctx), job, used, api_name="use_job_model",
-                     concurrency_limit=1)
+    return use.click(partial(t.use_job_model, ctx), [job, anyway], [used, model_state],
+                     api_name="use_job_model", concurrency_limit=1)

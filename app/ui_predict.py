@@ -48,9 +48,19 @@ def fan_out(gallery: list[Any] | None) -> list[Any]:
     return [*shown, *images, *captions]
 
 
-def build_predict_tab(ctx: AppContext, model_limit: int) -> gr.Dropdown:
-    """Lay out the tab and wire its events. Returns the target-class dropdown (its choices
-    follow the served model)."""
+def build_predict_tab(ctx: AppContext, model_limit: int, model_state: gr.State
+                      ) -> tuple[gr.Dropdown, gr.Markdown]:
+    """Lay out the tab and wire its events; every event uses the session's model.
+
+    Args:
+        ctx: the app's context.
+        model_limit: events that may run the network at once.
+        model_state: the session's model choice (see :mod:`lungvit.app.state`).
+
+    Returns:
+        The target-class dropdown and the covered-classes line (both follow the
+        session's model).
+    """
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=280):
             files = gr.File(label="Scans: DICOM, PNG, JPEG, or a zip of them",
@@ -83,6 +93,7 @@ def build_predict_tab(ctx: AppContext, model_limit: int) -> gr.Dropdown:
             flags = gr.Markdown("Upload a scan to see the model's answer.", elem_id="prediction")
             probs = gr.Label(label="Calibrated probabilities", num_top_classes=9,
                              elem_id="probabilities")
+            covered = gr.Markdown(elem_id="covered-classes")
     with gr.Accordion("Scan metadata (identifiers hidden unless shown above)", open=False):
         meta = gr.JSON(label="Metadata")
     with gr.Accordion("All uploaded scans", open=True):
@@ -121,24 +132,20 @@ def build_predict_tab(ctx: AppContext, model_limit: int) -> gr.Dropdown:
     view_outputs = [viewer, model_input, probs, flags, meta, preset, center, width]
     view = partial(h.show_scan, ctx)
     common = {"concurrency_limit": model_limit, "concurrency_id": MODEL}
+    view_inputs = [files, selected, *window_inputs, show_phi, model_state]
     for trigger, name in ((run.click, "predict"), (files.upload, "upload")):
-        trigger(partial(h.predict_batch, ctx), [files, *window_inputs],
+        trigger(partial(h.predict_batch, ctx), [files, *window_inputs, model_state],
                 [table, table_csv, selected], api_name=f"{name}_batch", **common
-                ).success(view, [files, selected, *window_inputs, show_phi], view_outputs,
-                          api_name=name, **common)
-    selected.input(view, [files, selected, *window_inputs, show_phi], view_outputs,
-                   api_name="show_scan", **common)
-    show_phi.input(view, [files, selected, *window_inputs, show_phi], view_outputs,
-                   api_name="show_scan_phi", **common)
-    preset.input(view, [files, selected, *window_inputs, show_phi], view_outputs,
-                 api_name="show_scan_window", **common)
+                ).success(view, view_inputs, view_outputs, api_name=name, **common)
+    selected.input(view, view_inputs, view_outputs, api_name="show_scan", **common)
+    show_phi.input(view, view_inputs, view_outputs, api_name="show_scan_phi", **common)
+    preset.input(view, view_inputs, view_outputs, api_name="show_scan_window", **common)
     for box, name in ((center, "level"), (width, "width")):
         box.submit(to_custom, None, preset, api_name=f"window_{name}", queue=False).then(
-            view, [files, selected, *window_inputs, show_phi], view_outputs,
-            api_name=f"show_scan_{name}", **common)
+            view, view_inputs, view_outputs, api_name=f"show_scan_{name}", **common)
     explain.click(partial(h.explain_scan, ctx),
-                  [files, selected, *window_inputs, methods, target, opacity],
+                  [files, selected, *window_inputs, methods, target, opacity, model_state],
                   [gallery, faith, downloads], api_name="explain", **common
                   ).success(fan_out, gallery, [*panels, *images, *captions], queue=False,
                             api_visibility="private")
-    return target
+    return target, covered

@@ -1,6 +1,7 @@
-"""The Runs tab (every job in the store) and the Model tab (what is served)."""
+"""The Runs tab (every job in the store) and the Model tab (the session's model)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import gradio as gr
@@ -25,6 +26,7 @@ def build_runs_tab(ctx: AppContext) -> list[gr.components.Component]:
                      scale=2)
     per_class = gr.Dataframe(headers=["class", "precision", "recall", "F1", "images"],
                              interactive=False, label="Per class (test split)")
+    compared = gr.Markdown(elem_id="run-verdict")
     with gr.Accordion("Configuration", open=False):
         config = gr.JSON()
     with gr.Accordion("Model card", open=False):
@@ -37,16 +39,34 @@ def build_runs_tab(ctx: AppContext) -> list[gr.components.Component]:
     table = gr.Dataframe(headers=["metric", "A", "B"], interactive=False)
 
     refresh.click(partial(t.list_runs, ctx), None, [runs, run, a, b], api_name="list_runs")
-    run.change(partial(t.run_details, ctx), run, [curves, cm, per_class, config, card],
-               api_name="run_details")
+    run.change(partial(t.run_details, ctx), run,
+               [curves, cm, per_class, config, card, compared], api_name="run_details")
     compare.click(partial(t.compare_runs, ctx), [a, b], table, api_name="compare_runs")
     resume.click(partial(t.resume_run, ctx), run, resumed, api_name="resume_run")
     return [runs, run, a, b]
 
 
-def build_model_tab(ctx: AppContext) -> tuple[gr.Markdown, gr.Button, gr.File, gr.Checkbox,
-                                              gr.Textbox]:
-    """Lay out the Model tab. Returns the card and the load controls (wired in ui.py)."""
+@dataclass(frozen=True)
+class ModelTab:
+    """The Model tab's components that ui.py wires."""
+
+    card: gr.Markdown
+    covered: gr.Markdown
+    load: gr.Button
+    back: gr.Button
+    upload: gr.File
+    reference: gr.Checkbox
+    labels: gr.Textbox
+
+
+def build_model_tab(ctx: AppContext) -> ModelTab:
+    """Lay out the Model tab (its events are wired in ui.py)."""
+    gr.Markdown("The model you choose here (or with **Use this model** after a fine-tune) is "
+                "used by this browser session only; other users keep theirs.")
+    covered = gr.Markdown(elem_id="model-classes")
+    back = gr.Button("Back to the bundled model" if ctx.holder.source is None
+                     else f"Back to the app's default model ({ctx.holder.source.name})",
+                     size="sm", elem_id="back-to-bundled")
     card = gr.Markdown("Loading the model...", elem_id="model-card")
     with gr.Accordion("Load another model", open=True):
         upload = gr.File(label="A LungViT checkpoint (.safetensors) or a reference-design "
@@ -55,5 +75,6 @@ def build_model_tab(ctx: AppContext) -> tuple[gr.Markdown, gr.Button, gr.File, g
         reference = gr.Checkbox(False, label="It is a reference-design .pth (import it)")
         labels = gr.Textbox(label="Class names in head order, comma separated (import only; "
                                   "blank: the nine standard classes)")
-        load = gr.Button("Load and serve", variant="primary")
-    return card, load, upload, reference, labels
+        load = gr.Button("Load and use in this session", variant="primary")
+    return ModelTab(card=card, covered=covered, load=load, back=back, upload=upload,
+                    reference=reference, labels=labels)

@@ -35,7 +35,7 @@ def test_api_lists_named_endpoints(client: Client) -> None:
     for name in ("/predict", "/predict_batch", "/explain", "/show_scan", "/start_finetune",
                  "/job_status", "/cancel_job", "/use_job_model", "/list_runs", "/run_details",
                  "/compare_runs", "/resume_run", "/model_summary", "/load_model",
-                 "/preview_dataset"):
+                 "/use_default_model", "/preview_dataset"):
         assert name in names, name
 
 
@@ -177,13 +177,15 @@ def test_overlay_panels_show_each_map_with_its_numbers() -> None:
 
 def test_model_summary_and_loading(client: Client, tiny_checkpoint: Path,
                                    scans: dict[str, Path]) -> None:
-    banner, card, target = client.predict(api_name="/model_summary")
+    banner, card, target, covered, covered_tab = client.predict(api_name="/model_summary")
     assert "tiny.safetensors" in banner and "not a medical device" in banner
     assert card.startswith("# LungViT model card")
     assert "lung-covid" in str(target)
-    banner, card, _ = client.predict(handle_file(str(tiny_checkpoint)), False, "",
-                                     api_name="/load_model")
-    assert "tiny.safetensors" in banner
+    assert "9 classes" in covered and "lung-viral-pneumonia" in covered
+    assert covered_tab == covered
+    banner, card, *_ = client.predict(handle_file(str(tiny_checkpoint)), False, "",
+                                      api_name="/load_model")
+    assert "tiny.safetensors" in banner and "This browser session uses" in banner
     with pytest.raises(AppError) as exc:
         client.predict(handle_file(str(scans["png"])), False, "", api_name="/load_model")
     assert "Traceback" not in str(exc.value)
@@ -204,9 +206,10 @@ def test_runs_from_the_store(client: Client, running_app: tuple[str, object]) ->
     ids = [r[0] for r in table["data"]]
     assert a in ids and b in ids
     assert {str(a), str(b)} <= {c[0] for c in run["choices"]}
-    curves, cm, per_class, config, card = client.predict(str(a), api_name="/run_details")
+    curves, cm, per_class, config, card, verdict = client.predict(str(a),
+                                                                  api_name="/run_details")
     assert curves is not None and cm is None and config["train"]["data"] == "/x"
-    assert "no model yet" in card
+    assert "no model yet" in card and verdict == ""
     compared = client.predict(str(a), str(b), api_name="/compare_runs")
     values = {r[0]: (r[1], r[2]) for r in compared["data"]}
     assert values["val/acc"] == (0.5, 0.75)
@@ -252,14 +255,26 @@ def test_finetune_to_completion_and_use(client: Client, tmp_path: Path,
             break
         time.sleep(3)
     assert "succeeded" in text, text
-    per_class, cm, calibration = client.predict(job_id, api_name="/job_results")[:3]
+    per_class, cm, calibration, _, verdict, anyway = client.predict(
+        job_id, api_name="/job_results")
     assert {r[0] for r in per_class["data"]} == {"lung-normal", "lung-covid", "lung-oct-cnv"}
     assert cm is not None and "Test accuracy" in calibration
-    message = client.predict(job_id, api_name="/use_job_model")
+    from lungvit.training.store import open_store
+
+    with open_store(running_app[1].paths.db_url) as store:  # type: ignore[attr-defined]
+        final = store.final_metrics(job_id)
+    # Compared with the session's model (the tiny checkpoint) on the job's few test scans:
+    # the verdict names the difference and warns (fewer than 30 scans) before switching.
+    n = int(final["compare/n_test"])
+    delta = (final["compare/tuned_acc"] - final["compare/base_acc"]) * 100
+    assert 0 < n < 30 and f"by {abs(delta):.1f} points" in verdict
+    assert f"on {n} test scans" in verdict and "fewer than 30" in verdict
+    assert anyway["visible"] is True
+    with pytest.raises(AppError, match="Not switched"):
+        client.predict(job_id, False, api_name="/use_job_model")
+    message = client.predict(job_id, True, api_name="/use_job_model")
     assert f"job {job_id}" in message
     banner = client.predict(api_name="/model_summary")[0]
     assert "model.safetensors" in banner and "3 classes" in banner
-    from lungvit.training.store import open_store
-
     with open_store(running_app[1].paths.db_url) as store:  # type: ignore[attr-defined]
         assert any(c.promoted for c in store.checkpoints(job_id))
