@@ -255,7 +255,7 @@ def test_finetune_to_completion_and_use(client: Client, tmp_path: Path,
             break
         time.sleep(3)
     assert "succeeded" in text, text
-    per_class, cm, calibration, _, verdict, anyway = client.predict(
+    per_class, cm, calibration, *_, verdict, anyway = client.predict(
         job_id, api_name="/job_results")
     assert {r[0] for r in per_class["data"]} == {"lung-normal", "lung-covid", "lung-oct-cnv"}
     assert cm is not None and "Test accuracy" in calibration
