@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require a login: USER:PASSWORD, or a file of such lines")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="also answer to this Host name (e.g. behind a reverse proxy)")
+    p.add_argument("--max-unpacked", type=float, default=2.0, metavar="GIB",
+                   help="GiB that one uploaded zip, and one browser session in all, may "
+                        "unpack to (default 2)")
     return p
 
 
@@ -91,6 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.model and not Path(args.model).is_file():
         print(f"lungvit-app: no such model file: {args.model}", file=sys.stderr)
         return EXIT_USAGE
+    if not args.max_unpacked > 0:
+        print("lungvit-app: --max-unpacked must be a positive number of GiB", file=sys.stderr)
+        return EXIT_USAGE
+    from lungvit.app.uploads import set_unpack_limit
+
+    set_unpack_limit(int(args.max_unpacked * 2**30))
 
     from lungvit.app.state import make_context
 

@@ -1,17 +1,26 @@
-"""Uploaded files and zip archives, unpacked safely (no path traversal, bounded size)."""
+"""Uploaded files and zip archives, unpacked safely (no path traversal, bounded size).
+
+An archive is checked against the sizes it declares before anything is written: per
+member, over the whole archive (its compression ratio and its total), and against what
+the browser session that sent it has already unpacked (:class:`SessionQuota`; the
+``lungvit-app --max-unpacked`` setting, 2 GiB by default).
+"""
 from __future__ import annotations
 
 import hashlib
 import os
 import stat
+import threading
 import zipfile
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from lungvit.core.errors import LungViTError
 
 SCAN_SUFFIXES = frozenset({".dcm", ".dicom", ".dic", ".ima", ".png", ".jpg", ".jpeg", ""})
+DEFAULT_UNPACK_LIMIT = 2 << 30  # bytes one upload, and one browser session, may unpack
 
 
 class UploadError(LungViTError, ValueError):
@@ -26,13 +35,80 @@ class ZipLimits:
         max_files: members extracted at most.
         max_total_bytes: uncompressed bytes in all.
         max_member_bytes: uncompressed bytes of one member.
-        max_ratio: largest compression ratio of a member (a zip bomb has thousands).
+        max_ratio: largest compression ratio of a member, and of the whole archive (a zip
+            bomb has thousands; scans compress a few times at most).
+        ratio_floor_bytes: the ratio is checked only past this many uncompressed bytes (a
+            small blank file compresses well and is harmless).
     """
 
     max_files: int = 20_000
-    max_total_bytes: int = 4 << 30
+    max_total_bytes: int = DEFAULT_UNPACK_LIMIT
     max_member_bytes: int = 512 << 20
     max_ratio: float = 200.0
+    ratio_floor_bytes: int = 1 << 20
+
+
+class SessionQuota:
+    """Bytes unpacked from zips per browser session; refuses what would pass the limit.
+
+    Without it a client could fill the disk with many archives that each stay under the
+    per-upload limit. Sessions are keyed by Gradio's session hash; the least recently
+    seen are forgotten past ``max_sessions``.
+
+    Args:
+        limit: bytes one session may unpack in all.
+        max_sessions: sessions remembered at most.
+    """
+
+    def __init__(self, limit: int = DEFAULT_UNPACK_LIMIT, max_sessions: int = 10_000) -> None:
+        self.limit = limit
+        self.max_sessions = max_sessions
+        self._used: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def used(self, session: str) -> int:
+        """Bytes ``session`` has unpacked so far."""
+        with self._lock:
+            return self._used.get(session, 0)
+
+    def reserve(self, session: str, nbytes: int, name: str) -> None:
+        """Count ``nbytes`` against ``session``, or refuse them all.
+
+        Raises:
+            UploadError: the session would pass its limit (nothing is counted then).
+        """
+        with self._lock:
+            used = self._used.pop(session, 0)
+            self._used[session] = used  # most recently seen last
+            if used + nbytes > self.limit:
+                raise UploadError(
+                    f"'{name}' unpacks to {nbytes / 2**20:.0f} MiB, and this session has "
+                    f"already unpacked {used / 2**20:.0f} MiB of at most "
+                    f"{self.limit / 2**30:.3g} GiB; refused (reload the page to start a new "
+                    "session, or ask the operator to raise --max-unpacked)")
+            self._used[session] = used + nbytes
+            while len(self._used) > self.max_sessions:
+                self._used.popitem(last=False)
+
+
+# The app's settings, set once at start by ``lungvit-app`` (set_unpack_limit).
+SESSION_QUOTA = SessionQuota()
+DEFAULT_LIMITS = ZipLimits()
+
+
+def set_unpack_limit(nbytes: int) -> None:
+    """Set how much one upload, and one browser session in all, may unpack (bytes)."""
+    global DEFAULT_LIMITS
+    SESSION_QUOTA.limit = nbytes
+    DEFAULT_LIMITS = replace(DEFAULT_LIMITS, max_total_bytes=nbytes)
+
+
+def current_session() -> str | None:
+    """The Gradio session hash of the event being handled (None outside an event)."""
+    from gradio.context import LocalContext
+
+    request = LocalContext.request.get(None)
+    return getattr(request, "session_hash", None) if request is not None else None
 
 
 def _safe_member_path(name: str) -> PurePosixPath | None:
@@ -49,17 +125,23 @@ def _safe_member_path(name: str) -> PurePosixPath | None:
 
 
 def extract_zip(archive: str | os.PathLike[str], target: str | os.PathLike[str], *,
-                limits: ZipLimits = ZipLimits()) -> list[Path]:
+                limits: ZipLimits | None = None, quota: SessionQuota | None = None,
+                session: str | None = None) -> list[Path]:
     """Unpack the regular files of ``archive`` under ``target``.
 
     Members with absolute paths, ``..`` components, symbolic links or hidden names are
-    skipped; the limits are checked against the sizes the archive declares and again
-    while writing, so a lying header cannot exceed them.
+    skipped. Before anything is written, the sizes the archive declares are checked per
+    member, over the whole archive (total and compression ratio) and against the
+    session's quota; they are checked again while writing, so a lying header cannot
+    exceed them.
 
     Args:
         archive: the zip file.
         target: the folder to unpack into (created).
-        limits: size and count bounds.
+        limits: size and count bounds (default: the app's, see :func:`set_unpack_limit`).
+        quota: what each browser session may unpack (default: the app's).
+        session: the session to charge (default: the Gradio event's; outside an event,
+            none is charged).
 
     Returns:
         The extracted files, in archive order.
@@ -67,6 +149,9 @@ def extract_zip(archive: str | os.PathLike[str], target: str | os.PathLike[str],
     Raises:
         UploadError: not a zip archive, or over a limit.
     """
+    limits = DEFAULT_LIMITS if limits is None else limits
+    quota = SESSION_QUOTA if quota is None else quota
+    session = session or current_session()
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     name = Path(archive).name
@@ -81,18 +166,23 @@ def extract_zip(archive: str | os.PathLike[str], target: str | os.PathLike[str],
         if len(members) > limits.max_files:
             raise UploadError(f"'{name}' holds {len(members)} files; at most "
                               f"{limits.max_files} are unpacked")
+        plan: list[tuple[zipfile.ZipInfo, Path]] = []
         for member in members:
             rel = _safe_member_path(member.filename)
             if rel is None or stat.S_ISLNK(member.external_attr >> 16):
                 continue
             if member.file_size > limits.max_member_bytes or (
-                    member.compress_size and member.file_size / member.compress_size
-                    > limits.max_ratio and member.file_size > 1 << 20):
+                    member.file_size > limits.ratio_floor_bytes
+                    and member.file_size > limits.max_ratio * max(member.compress_size, 1)):
                 raise UploadError(f"'{name}' holds a file that unpacks to "
                                   f"{member.file_size / 2**20:.0f} MiB; refused")
             dest = target.joinpath(*rel.parts)
-            if not dest.resolve().is_relative_to(target.resolve()):
-                continue
+            if dest.resolve().is_relative_to(target.resolve()):
+                plan.append((member, dest))
+        _check_archive(name, plan, limits)
+        if session is not None:
+            quota.reserve(session, sum(m.file_size for m, _ in plan), name)
+        for member, dest in plan:
             dest.parent.mkdir(parents=True, exist_ok=True)
             written = 0
             with zf.open(member) as src, open(dest, "wb") as dst:
@@ -103,10 +193,28 @@ def extract_zip(archive: str | os.PathLike[str], target: str | os.PathLike[str],
                         dst.close()
                         dest.unlink(missing_ok=True)
                         raise UploadError(f"'{name}' unpacks to more than "
-                                          f"{limits.max_total_bytes / 2**30:.0f} GiB; refused")
+                                          f"{limits.max_total_bytes / 2**30:.3g} GiB; refused")
                     dst.write(chunk)
             out.append(dest)
     return out
+
+
+def _check_archive(name: str, plan: Sequence[tuple[zipfile.ZipInfo, Path]],
+                   limits: ZipLimits) -> None:
+    """Refuse an archive whose declared total, or overall compression ratio, is too high.
+
+    Many small members each pass the per-member checks (a 338 KB zip of 300 members of
+    1 MiB of zeros unpacks to 300 MiB), so the whole archive is checked as well.
+    """
+    declared = sum(m.file_size for m, _ in plan)
+    packed = sum(m.compress_size for m, _ in plan)
+    if declared > limits.max_total_bytes:
+        raise UploadError(f"'{name}' unpacks to {declared / 2**20:.0f} MiB, more than the "
+                          f"{limits.max_total_bytes / 2**30:.3g} GiB one upload may; refused")
+    if declared > limits.ratio_floor_bytes and declared > limits.max_ratio * max(packed, 1):
+        raise UploadError(f"'{name}' unpacks to {declared / 2**20:.0f} MiB from "
+                          f"{packed / 2**10:.0f} KiB (compressed {declared / max(packed, 1):.0f}"
+                          f" times; scans compress a few times at most); refused")
 
 
 def is_zip(path: str | os.PathLike[str]) -> bool:

@@ -139,3 +139,38 @@ def test_zip_limits(tmp_path: Path) -> None:
     not_zip.write_bytes(b"PK\x03\x04garbage")
     with pytest.raises(UploadError, match="not a readable zip"):
         extract_zip(not_zip, tmp_path / "o3")
+
+
+def _files_under(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+
+
+def test_zip_of_many_small_blank_members_is_refused_before_writing(tmp_path: Path) -> None:
+    # Every member is 1 MiB of zeros: each passes the per-member checks, the archive
+    # (a few dozen KB unpacking to 40 MiB) does not.
+    fill = _zip(tmp_path / "fill.zip", {f"scan{i}.dcm": bytes(1 << 20) for i in range(40)})
+    assert fill.stat().st_size < 200_000
+    with pytest.raises(UploadError, match="refused"):
+        extract_zip(fill, tmp_path / "out")
+    assert _files_under(tmp_path / "out") == []
+    assert ZipLimits().max_total_bytes <= 2 << 30
+
+
+def test_unpacked_bytes_are_capped_per_upload_and_per_session(tmp_path: Path) -> None:
+    from lungvit.app.uploads import SessionQuota
+
+    rng = __import__("random").Random(0)
+    noise = lambda n: rng.randbytes(n)  # noqa: E731  # incompressible
+    big = _zip(tmp_path / "big.zip", {"1.png": noise(300_000), "2.png": noise(300_000)})
+    with pytest.raises(UploadError, match="one upload"):
+        extract_zip(big, tmp_path / "o1", limits=ZipLimits(max_total_bytes=500_000))
+    assert _files_under(tmp_path / "o1") == []
+
+    a = _zip(tmp_path / "a.zip", {"a.png": noise(300_000)})
+    b = _zip(tmp_path / "b.zip", {"b.png": noise(300_000)})
+    quota = SessionQuota(limit=500_000)
+    assert len(extract_zip(a, tmp_path / "qa", quota=quota, session="s1")) == 1
+    with pytest.raises(UploadError, match="this session"):
+        extract_zip(b, tmp_path / "qb", quota=quota, session="s1")
+    assert _files_under(tmp_path / "qb") == [] and quota.used("s1") == 300_000
+    assert len(extract_zip(b, tmp_path / "qc", quota=quota, session="s2")) == 1
