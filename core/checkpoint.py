@@ -6,6 +6,11 @@ preprocessing constants, the calibration temperature and the provenance (data, h
 time, metrics). Saving is atomic. Loading never runs code from the file: safetensors holds
 tensors only, and PyTorch ``.pth`` files (reference-design state dicts, see
 :func:`import_reference`) are read with ``torch.load(weights_only=True)``.
+
+Format 2 adds an optional out-of-scope feature detector (:class:`lungvit.core.ood.FeatureDetector`):
+its description in the header (``"ood_detector"``) and its two float32 arrays as tensors named
+``lungvit_ood.*`` beside the weights. A file without one is still written as format 1, so
+older LungViT versions keep reading it; format 1 files load with no detector.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import safetensors.torch
 import torch
 from safetensors import SafetensorError
@@ -27,13 +33,15 @@ from torch import nn
 from lungvit.core import __version__
 from lungvit.core.errors import CheckpointError
 from lungvit.core.model import DEFAULT_LABELS, ModelConfig, build_model, count_parameters
+from lungvit.core.ood import TENSOR_PREFIX, FeatureDetector
 from lungvit.core.preprocess import PreprocessConfig
 from lungvit.core.reference import reference_config, reference_to_timm, torch_state_dict
 
 __all__ = ["FORMAT_VERSION", "CheckpointInfo", "Provenance", "import_reference",
            "load_checkpoint", "read_checkpoint_info", "read_state_dict", "save_checkpoint"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_PLAIN_FORMAT = 1  # written when the file holds the model's weights and nothing else
 METADATA_KEY = "lungvit"
 _TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # zip (torch.save) or a raw pickle stream
 
@@ -84,6 +92,8 @@ class CheckpointInfo:
             "per_class": {"lung-covid": {"precision": ..., "recall": ..., "f1": ...}}}``.
         num_params: parameter count (filled in at save time).
         notes, intended_use: free text shown on the model card.
+        ood_detector: the learned out-of-scope detector, if one was fitted (its arrays
+            travel as tensors beside the weights, its description in the header).
     """
 
     labels: tuple[str, ...] = DEFAULT_LABELS
@@ -95,7 +105,8 @@ class CheckpointInfo:
     num_params: int | None = None
     notes: str = ""
     intended_use: str = ""
-    format_version: int = FORMAT_VERSION
+    format_version: int = _PLAIN_FORMAT
+    ood_detector: FeatureDetector | None = None
 
     def __post_init__(self) -> None:
         self.labels = tuple(self.labels)
@@ -105,13 +116,16 @@ class CheckpointInfo:
             raise ValueError(f"labels must be unique: {list(self.labels)}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be positive, not {self.temperature}")
+        if self.ood_detector is not None:  # a file with a detector is format 2
+            self.format_version = max(self.format_version, FORMAT_VERSION)
 
     @property
     def variant(self) -> str:
         return self.model.name if self.model else ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The JSON header (the detector's description only; its arrays are tensors)."""
+        doc = {
             "format": "lungvit-checkpoint", "format_version": self.format_version,
             "labels": list(self.labels),
             "preprocess": self.preprocess.to_dict() if self.preprocess else None,
@@ -120,17 +134,30 @@ class CheckpointInfo:
             "metrics": self.metrics, "num_params": self.num_params, "notes": self.notes,
             "intended_use": self.intended_use,
         }
+        if self.ood_detector is not None:  # absent, not null: format 1 readers reject the key
+            doc["ood_detector"] = self.ood_detector.header()
+        return doc
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> CheckpointInfo:
-        """Rebuild from :meth:`to_dict`'s output (ValueError/TypeError when malformed)."""
+    def from_dict(cls, data: Mapping[str, Any],
+                  tensors: Mapping[str, torch.Tensor] | None = None) -> CheckpointInfo:
+        """Rebuild from :meth:`to_dict`'s output (ValueError/TypeError when malformed).
+
+        Args:
+            data: the header.
+            tensors: the file's ``lungvit_ood.*`` tensors, needed when the header
+                describes a feature detector.
+        """
         data = dict(data)
         data.pop("format", None)
         prov = data.pop("provenance", None) or {}
         pre, model = data.pop("preprocess", None), data.pop("model", None)
+        detector = data.pop("ood_detector", None)
         return cls(**data, preprocess=PreprocessConfig.from_dict(pre) if pre else None,
                    model=ModelConfig.from_dict(model) if model else None,
-                   provenance=Provenance(**prov))
+                   provenance=Provenance(**prov),
+                   ood_detector=FeatureDetector.from_parts(detector, tensors or {})
+                   if detector else None)
 
 
 def _complete(model: nn.Module, info: CheckpointInfo) -> CheckpointInfo:
@@ -144,6 +171,10 @@ def _complete(model: nn.Module, info: CheckpointInfo) -> CheckpointInfo:
                               f"from the model's ({cfg.name})")
     head = getattr(model, "head", None)
     outputs = head.out_features if isinstance(head, nn.Linear) else cfg.num_classes
+    det = info.ood_detector
+    if det is not None and det.dim != cfg.embed_dim:
+        raise CheckpointError(f"the feature detector reads {det.dim}-wide features but the "
+                              f"model's embedding is {cfg.embed_dim} wide")
     if outputs != len(info.labels):
         raise CheckpointError(f"head has {outputs} outputs but the checkpoint lists "
                               f"{len(info.labels)} labels")
@@ -155,7 +186,7 @@ def _complete(model: nn.Module, info: CheckpointInfo) -> CheckpointInfo:
     prov = replace(info.provenance, date=info.provenance.date or now,
                    lungvit_version=info.provenance.lungvit_version or __version__)
     return replace(info, model=cfg, preprocess=preprocess, provenance=prov,
-                   num_params=count_parameters(model), format_version=FORMAT_VERSION)
+                   num_params=count_parameters(model), format_version=_PLAIN_FORMAT)
 
 
 def _json_default(obj: Any) -> Any:
@@ -177,6 +208,8 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, info: Checkp
     path = Path(path)
     info = _complete(model, info)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if info.ood_detector is not None:
+        tensors.update(info.ood_detector.tensors())
     try:
         header = json.dumps(info.to_dict(), default=_json_default)
     except TypeError as exc:
@@ -233,6 +266,7 @@ def _read_header(name: str, data: bytes) -> CheckpointInfo:
         raise CheckpointError(f"{name} is truncated: its tensors need {need} bytes, "
                               f"the file has {size}")
     metadata = header.get("__metadata__") or {}
+    body = memoryview(data)[8 + n:]
     if METADATA_KEY not in metadata:
         raise CheckpointError(
             f"{name} is a safetensors file without a LungViT header (no labels, model "
@@ -244,8 +278,8 @@ def _read_header(name: str, data: bytes) -> CheckpointInfo:
         if version > FORMAT_VERSION:
             raise CheckpointError(f"{name} was written in checkpoint format {version}; "
                                   f"this LungViT reads up to {FORMAT_VERSION}: upgrade LungViT")
-        info = CheckpointInfo.from_dict(doc)
-    except (ValueError, TypeError, AttributeError) as exc:
+        info = CheckpointInfo.from_dict(doc, _detector_tensors(header, body))
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise CheckpointError(f"{name} has a damaged LungViT header: {exc}") from None
     if info.model is None:
         raise CheckpointError(f"{name} names no model configuration")
@@ -253,6 +287,19 @@ def _read_header(name: str, data: bytes) -> CheckpointInfo:
         raise CheckpointError(f"{name}: head has {info.model.num_classes} outputs but "
                               f"the checkpoint lists {len(info.labels)} labels")
     return info
+
+
+def _detector_tensors(header: Mapping[str, Any], body: memoryview) -> dict[str, torch.Tensor]:
+    """The ``lungvit_ood.*`` float32 tensors, read from the raw bytes (no weights loaded)."""
+    out = {}
+    for key, spec in header.items():
+        if key.startswith(TENSOR_PREFIX):
+            if spec.get("dtype") != "F32":
+                raise ValueError(f"tensor {key} is {spec.get('dtype')}, expected F32")
+            start, end = spec["data_offsets"]
+            arr = np.frombuffer(body[start:end], dtype="<f4").reshape(spec["shape"])
+            out[key] = torch.from_numpy(arr.copy())
+    return out
 
 
 def read_checkpoint_info(path: str | os.PathLike[str]) -> CheckpointInfo:
@@ -335,7 +382,8 @@ def load_checkpoint(path: str | os.PathLike[str], *,
             raise CheckpointError(f"{path.name}: {exc}") from None
         except SafetensorError as exc:
             raise CheckpointError(f"{path.name} has damaged tensor data: {exc}") from None
-        _load_weights(model, tensors, path.name)
+        weights = {k: v for k, v in tensors.items() if not k.startswith(TENSOR_PREFIX)}
+        _load_weights(model, weights, path.name)
     return model.to(map_location).eval(), info
 
 

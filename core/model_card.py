@@ -78,6 +78,24 @@ def _cross_source(result: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _out_of_scope(info: CheckpointInfo) -> list[str]:
+    """The learned out-of-scope detector's section (empty for checkpoints without one)."""
+    det = info.ood_detector
+    if det is None:
+        return []
+    ood = info.metrics.get("ood", {}) if isinstance(info.metrics, dict) else {}
+    rates = ood.get("features", {}) if isinstance(ood, dict) else {}
+    line = (f"- Learned detector: Mahalanobis distance of the [CLS] feature to the nearest "
+            f"of {len(det.labels)} training classes ({det.n_train} training scans); scans "
+            f"beyond {_fmt(det.threshold)} ({det.quantile:.0%} of {det.n_val} validation "
+            "scans) are flagged as unlike the training data")
+    shares = [f"{rates[k]:.1%} of {split} scans" for k, split in
+              (("val_flag_rate", "validation"), ("test_flag_rate", "test"))
+              if isinstance(rates.get(k), (int, float))]
+    return ["## Out-of-scope detection", "", line + (f"; it flags {' and '.join(shares)}"
+                                                    if shares else "") + ".", ""]
+
+
 def model_card(info: CheckpointInfo) -> str:
     """Render ``info`` as a Markdown model card.
 
@@ -160,7 +178,7 @@ def model_card(info: CheckpointInfo) -> str:
             f"- Softmax temperature: {_fmt(info.temperature)}"
             + (" (uncalibrated)" if info.temperature == 1.0 else ""),
             f"- Expected calibration error: {_fmt(ece) if ece is not None else 'not recorded'}",
-            "", "## Intended use and limits", ""]
+            "", *_out_of_scope(info), "## Intended use and limits", ""]
     if info.intended_use:
         out.append(info.intended_use)
     elif is_demo:

@@ -3,8 +3,9 @@
 A :class:`Predictor` loads a checkpoint once and turns scans into probabilities for every
 class (temperature-scaled with the checkpoint's calibration), sorted, with top-k. It says
 when an answer is uncertain (low top probability or high entropy) and when an input is
-probably not a chest X-ray or retinal OCT at all (blank, a colour photo, a CT/MR slice, or
-evidence unlike the training data by the energy score), and why.
+probably not a chest X-ray or retinal OCT at all (blank, a colour photo, a CT/MR slice,
+evidence unlike the training data by the energy score, or, when the checkpoint carries a
+learned detector (:mod:`lungvit.core.ood`), features far from every training class), and why.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from torch import nn
 from lungvit.core.checkpoint import CheckpointInfo, load_checkpoint
 from lungvit.core.errors import CheckpointError, ScanReadError
 from lungvit.core.ingest import load_scan
+from lungvit.core.ood import features_and_logits
 from lungvit.core.preprocess import PreprocessConfig, to_model_input
 from lungvit.core.scan import Scan
 
@@ -86,6 +88,9 @@ class Prediction:
         out_of_distribution / ood_reasons: whether and why the input looks out of scope.
         energy: the energy score of the logits (see :func:`energy_score`).
         temperature: the calibration temperature applied.
+        feature_distance: distance of the scan's features from the nearest training class
+            (:class:`lungvit.core.ood.FeatureDetector`); None when the model has no detector.
+        feature_threshold: the distance above which a scan is out of scope (None likewise).
     """
 
     name: str | None
@@ -101,6 +106,8 @@ class Prediction:
     ood_reasons: list[str] = field(default_factory=list)
     energy: float = 0.0
     temperature: float = 1.0
+    feature_distance: float | None = None
+    feature_threshold: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -135,6 +142,7 @@ class Predictor:
         self.thresholds = thresholds
         ood = info.metrics.get("ood", {}) if isinstance(info.metrics, dict) else {}
         self.energy_threshold: float | None = ood.get("energy_threshold")
+        self.detector = info.ood_detector  # None: old checkpoints, rules and energy only
         # Forward passes run one at a time: parallel ones would only compete for the same
         # cores (or GPU). Explanations do not need it (they serialise their own captures).
         self.lock = threading.RLock()
@@ -168,13 +176,31 @@ class Predictor:
         """Predict one scan."""
         return self.predict_scans([scan])[0]
 
+    @torch.inference_mode()
+    def features_and_logits(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[CLS] features (B, D) and logits (B, C) of prepared inputs, in one pass."""
+        feats, logits = [], []
+        for start in range(0, inputs.shape[0], self.batch_size):
+            chunk = inputs[start:start + self.batch_size].to(self.device, non_blocking=True)
+            with self.lock:
+                f, z = features_and_logits(self.model, chunk)
+            feats.append(f.cpu())
+            logits.append(z.cpu())
+        if not feats:
+            return torch.empty(0, 0), torch.empty(0, len(self.labels))
+        return torch.cat(feats), torch.cat(logits)
+
     def predict_scans(self, scans: Sequence[Scan]) -> list[Prediction]:
         """Predict many scans in batches."""
         if not scans:
             return []
         inputs = torch.stack([self.prepare(s) for s in scans])  # (B, 1, S, S)
-        logits = self.logits(inputs)
-        return [self._describe(scan, row) for scan, row in zip(scans, logits)]
+        if self.detector is None:
+            logits = self.logits(inputs)
+            return [self._describe(scan, row) for scan, row in zip(scans, logits)]
+        feats, logits = self.features_and_logits(inputs)
+        dists = self.detector.distance(feats).tolist()
+        return [self._describe(scan, row, d) for scan, row, d in zip(scans, logits, dists)]
 
     def predict_files(self, paths: Iterable[str | Path]) -> Iterator[Prediction | ScanReadError]:
         """Read and predict files in order, one batch of decoded scans in memory at a time.
@@ -200,7 +226,8 @@ class Predictor:
         for item in pending:
             yield next(preds) if isinstance(item, Scan) else item
 
-    def _describe(self, scan: Scan, logits: torch.Tensor) -> Prediction:
+    def _describe(self, scan: Scan, logits: torch.Tensor,
+                  feature_distance: float | None = None) -> Prediction:
         probs = torch.softmax(logits / self.temperature, dim=-1)
         order = torch.argsort(probs, descending=True).tolist()
         ranked = [(self.labels[i], float(probs[i])) for i in order]
@@ -218,11 +245,24 @@ class Predictor:
             name=scan.meta.name, label=top_label, label_index=order[0], confidence=confidence,
             probabilities=dict(ranked), top_k=ranked[:self.top_k], entropy=entropy,
             uncertain=bool(uncertain), uncertain_reasons=uncertain,
-            ood_reasons=(ood := self.ood_reasons(scan, energy)), out_of_distribution=bool(ood),
-            energy=energy, temperature=self.temperature)
+            ood_reasons=(ood := self.ood_reasons(scan, energy, feature_distance)),
+            out_of_distribution=bool(ood), energy=energy, temperature=self.temperature,
+            feature_distance=feature_distance,
+            feature_threshold=self.detector.threshold if feature_distance is not None else None)
 
-    def ood_reasons(self, scan: Scan, energy: float | None = None) -> list[str]:
-        """Why ``scan`` is probably not a chest X-ray or retinal OCT (empty if no reason)."""
+    def ood_reasons(self, scan: Scan, energy: float | None = None,
+                    feature_distance: float | None = None) -> list[str]:
+        """Why ``scan`` is probably not a chest X-ray or retinal OCT (empty if no reason).
+
+        Args:
+            scan: the decoded scan (its pixels and metadata feed the rules).
+            energy: its energy score, checked against the checkpoint's energy threshold.
+            feature_distance: its distance from the training classes, checked against the
+                checkpoint's feature detector (ignored when the checkpoint has none).
+
+        Returns:
+            One sentence per reason.
+        """
         t = self.thresholds
         meta = scan.meta
         reasons = []
@@ -240,4 +280,8 @@ class Predictor:
                 and energy > self.energy_threshold):
             reasons.append("the model's evidence is unlike anything in its training data "
                            f"(energy {energy:.2f} above {self.energy_threshold:.2f})")
+        if (feature_distance is not None and self.detector is not None
+                and feature_distance > self.detector.threshold):
+            reasons.append("unlike the scans this model was trained on (feature distance "
+                           f"{feature_distance:.1f} above threshold {self.detector.threshold:.1f})")
         return reasons

@@ -47,6 +47,7 @@ from lungvit.training.data import DatasetError
 from lungvit.training.datamodule import ScanDataModule
 from lungvit.training.metrics import classification_report, scalar_metrics
 from lungvit.training.module import FreezeEarlyLayers, LungViTModule, class_weights_from_counts
+from lungvit.training.ood_fit import attach_feature_detector
 from lungvit.training.store.paths import default_data_dir
 from lungvit.training.transfer import plan_transfer
 
@@ -439,6 +440,7 @@ def fit(cfg: TrainConfig, *, datamodule: ScanDataModule | None = None,
                           provenance=provenance, metrics=metrics,
                           notes=_format_notes(cfg, test_cal),
                           intended_use=cfg.intended_use or DEFAULT_INTENDED_USE)
+    info = attach_feature_detector(info, model, dm, device)  # learned out-of-scope detector
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     checkpoint = save_checkpoint(out, model, info)
