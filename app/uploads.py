@@ -12,6 +12,7 @@ import os
 import stat
 import threading
 import zipfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -182,21 +183,43 @@ def extract_zip(archive: str | os.PathLike[str], target: str | os.PathLike[str],
         _check_archive(name, plan, limits)
         if session is not None:
             quota.reserve(session, sum(m.file_size for m, _ in plan), name)
-        for member, dest in plan:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            written = 0
-            with zf.open(member) as src, open(dest, "wb") as dst:
-                while chunk := src.read(1 << 20):
-                    written += len(chunk)
-                    total += len(chunk)
-                    if written > limits.max_member_bytes or total > limits.max_total_bytes:
-                        dst.close()
-                        dest.unlink(missing_ok=True)
-                        raise UploadError(f"'{name}' unpacks to more than "
-                                          f"{limits.max_total_bytes / 2**30:.3g} GiB; refused")
-                    dst.write(chunk)
-            out.append(dest)
+        made: list[Path] = []  # files and folders this call created, removed on failure
+        try:
+            for member, dest in plan:
+                for folder in reversed(dest.parents):
+                    if folder.is_relative_to(target) and not folder.exists():
+                        folder.mkdir()
+                        made.append(folder)
+                written = 0
+                with zf.open(member) as src, open(dest, "wb") as dst:
+                    made.append(dest)
+                    while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        total += len(chunk)
+                        if written > limits.max_member_bytes or total > limits.max_total_bytes:
+                            raise UploadError(f"'{name}' unpacks to more than "
+                                              f"{limits.max_total_bytes / 2**30:.3g} GiB; "
+                                              "refused")
+                        dst.write(chunk)
+                out.append(dest)
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+            _remove(made)
+            raise UploadError(f"the zip is damaged: '{name}' member "
+                              f"'{PurePosixPath(member.filename).name}' cannot be read "
+                              f"({exc}); nothing was kept from it") from None
+        except BaseException:
+            _remove(made)
+            raise
     return out
+
+
+def _remove(made: Sequence[Path]) -> None:
+    """Delete what an interrupted extraction wrote (files, then folders, newest first)."""
+    for path in reversed(made):
+        try:
+            path.rmdir() if path.is_dir() else path.unlink(missing_ok=True)
+        except OSError:
+            pass  # a folder that holds older files stays
 
 
 def _check_archive(name: str, plan: Sequence[tuple[zipfile.ZipInfo, Path]],

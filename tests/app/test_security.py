@@ -174,3 +174,19 @@ def test_unpacked_bytes_are_capped_per_upload_and_per_session(tmp_path: Path) ->
         extract_zip(b, tmp_path / "qb", quota=quota, session="s1")
     assert _files_under(tmp_path / "qb") == [] and quota.used("s1") == 300_000
     assert len(extract_zip(b, tmp_path / "qc", quota=quota, session="s2")) == 1
+
+
+def test_damaged_zip_is_a_user_error_and_leaves_nothing(tmp_path: Path) -> None:
+    archive = tmp_path / "damaged.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("ok/first.png", b"A" * 5000)
+        zf.writestr("ok/second.png", b"B" * 5000)
+    data = bytearray(archive.read_bytes())
+    at = data.index(b"B" * 5000) + 2500
+    data[at] ^= 0xFF  # the second member's CRC no longer matches
+    archive.write_bytes(bytes(data))
+    with pytest.raises(UploadError, match="the zip is damaged"):
+        extract_zip(archive, tmp_path / "out")
+    assert _files_under(tmp_path / "out") == [] and list((tmp_path / "out").iterdir()) == []
+    with pytest.raises(UploadError, match="damaged"):
+        expand_uploads([archive], tmp_path / "scratch")
