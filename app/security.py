@@ -1,8 +1,14 @@
-"""What keeps the app safe to run on a workstation: loopback checks, auth, Host checks.
+"""What keeps the app safe to run on a workstation: loopback checks, auth, Host and
+Origin checks.
 
 A local web app is reachable from every page the user's browser opens. DNS rebinding lets
 such a page talk to ``127.0.0.1`` under a foreign name, so every request whose ``Host``
-header is not the loopback name or a name the server was bound to is refused.
+header is not the loopback name or a name the server was bound to is refused. A page can
+also send a plain form POST to ``http://127.0.0.1:7860/`` under the right name (the
+browser does not ask first), so every state-changing request (any method but GET, HEAD
+and OPTIONS, and every websocket) whose ``Origin`` (or, without one, ``Referer``) is not
+the app's own origin is refused. Clients that are not browsers (``gradio_client``,
+``curl``) send neither header and are not affected.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import socket
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -113,8 +120,45 @@ def host_of(header: str) -> str:
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def _host_port(header: str, default_port: int | None) -> tuple[str, int | None]:
+    """``host[:port]`` -> (lower-case host, port or ``default_port``)."""
+    name = host_of(header)
+    header = header.strip().lower()
+    tail = header[header.find("]") + 1:] if header.startswith("[") else (
+        header if header.count(":") == 1 else "")
+    port = tail.rsplit(":", 1)[1] if ":" in tail else ""
+    return name, int(port) if port.isdigit() else default_port
+
+
+def same_origin(origin: str, host_header: str) -> bool:
+    """Whether a request's ``Origin`` (or ``Referer``) is the origin the request was sent to.
+
+    Args:
+        origin: the header's value (``http://127.0.0.1:7860``, a full Referer URL, ``null``).
+        host_header: the request's ``Host`` header.
+
+    Returns:
+        True when the scheme is http(s) and the origin's host and port are the Host
+        header's (the port defaulting to the scheme's). ``null`` and anything else: False.
+    """
+    try:
+        parts = urlsplit(origin.strip())
+        default = DEFAULT_PORTS.get(parts.scheme.lower())
+        if default is None or not parts.hostname:
+            return False
+        return (parts.hostname.lower(), parts.port or default) == _host_port(host_header,
+                                                                              default)
+    except ValueError:  # a malformed port or address
+        return False
+
+
 class HostCheckMiddleware:
-    """ASGI middleware refusing HTTP and websocket requests with a foreign ``Host``.
+    """ASGI middleware refusing HTTP and websocket requests with a foreign ``Host``, and
+    state-changing requests from another origin (see the module docstring).
 
     Args:
         app: the wrapped ASGI application.
@@ -128,19 +172,28 @@ class HostCheckMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):
             headers = dict(scope.get("headers") or [])
-            host = host_of(headers.get(b"host", b"").decode("latin-1"))
-            if host not in self.allowed:
-                await self._refuse(scope, receive, send)
+            raw_host = headers.get(b"host", b"").decode("latin-1")
+            if host_of(raw_host) not in self.allowed:
+                await self._refuse(scope, receive, send, 421,
+                                   "this LungViT server does not answer to that host name")
+                return
+            writes = scope["type"] == "websocket" or scope.get("method", "GET") not in SAFE_METHODS
+            source = headers.get(b"origin", headers.get(b"referer"))
+            if writes and source is not None and not same_origin(source.decode("latin-1"),
+                                                                 raw_host):
+                await self._refuse(scope, receive, send, 403,
+                                   "this LungViT server takes no requests from other sites")
                 return
         await self.app(scope, receive, send)
 
     @staticmethod
-    async def _refuse(scope: Scope, receive: Receive, send: Send) -> None:
+    async def _refuse(scope: Scope, receive: Receive, send: Send, status: int,
+                      why: str) -> None:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
-        body = b"Refused: this LungViT server does not answer to that host name.\n"
-        await send({"type": "http.response.start", "status": 421,
+        body = f"Refused: {why}.\n".encode()
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"text/plain; charset=utf-8"),
                                 (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

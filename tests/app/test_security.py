@@ -190,3 +190,51 @@ def test_damaged_zip_is_a_user_error_and_leaves_nothing(tmp_path: Path) -> None:
     assert _files_under(tmp_path / "out") == [] and list((tmp_path / "out").iterdir()) == []
     with pytest.raises(UploadError, match="damaged"):
         expand_uploads([archive], tmp_path / "scratch")
+
+
+def test_same_origin_rule() -> None:
+    from lungvit.app.security import same_origin
+
+    assert same_origin("http://127.0.0.1:7860", "127.0.0.1:7860")
+    assert same_origin("http://LocalHost:7860/page?x=1", "localhost:7860")
+    assert same_origin("http://[::1]:7860", "[::1]:7860")
+    assert same_origin("https://lungvit.example", "lungvit.example")
+    assert same_origin("http://lungvit.example", "lungvit.example:80")
+    assert not same_origin("http://evil.example", "127.0.0.1:7860")
+    assert not same_origin("http://localhost:8080", "localhost:7860")  # another local site
+    assert not same_origin("https://127.0.0.1", "127.0.0.1:7860")  # port 443 by default
+    assert not same_origin("null", "127.0.0.1:7860")
+    assert not same_origin("file:///home/x.html", "127.0.0.1:7860")
+    assert not same_origin("http://127.0.0.1:99999", "127.0.0.1:7860")
+
+
+def _post_upload(base: str, origin: str | None, name: str) -> tuple[int, bytes]:
+    url = urlparse(base)
+    boundary = "lungvit-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; "
+            f"filename=\"{name}\"\r\nContent-Type: image/png\r\n\r\nnot really a png\r\n"
+            f"--{boundary}--\r\n").encode()
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:
+        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        if origin is not None:
+            headers["Origin"] = origin
+        conn.request("POST", "/gradio_api/upload", body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_cross_origin_upload_refused(running_app: tuple[str, object]) -> None:
+    from gradio.utils import get_upload_folder
+
+    base, _ = running_app
+    own = base.rstrip("/")
+    status, body = _post_upload(base, "http://evil.example", "cross-origin-probe.png")
+    assert status == 403 and b"other sites" in body
+    assert not list(Path(get_upload_folder()).rglob("cross-origin-probe.png"))
+    status, body = _post_upload(base, own, "same-origin-probe.png")
+    assert status == 200 and b"same-origin-probe.png" in body
+    assert _post_upload(base, None, "no-origin-probe.png")[0] == 200  # gradio_client, curl
+    assert _get(base, "/", host=None)[0] == 200
