@@ -70,9 +70,10 @@ def job_verdict(final: Mapping[str, float] | None, base_name: str | None = None)
     delta = tuned - base
     d_recall = _num(final, "compare/delta_macro_recall") or 0.0
     better = delta > 0 and d_recall >= 0
-    word = "Better" if delta > 0 else ("Worse" if delta < 0 else "No better")
-    text = (f"**{word} than {who} by {abs(delta) * 100:.1f} points** of accuracy on "
-            f"{n_test} test scans ({base:.1%} -> {tuned:.1%}); macro recall "
+    how = (f"**No better than {who}**: the same accuracy" if delta == 0 else
+           f"**{'Better' if delta > 0 else 'Worse'} than {who} by {abs(delta) * 100:.1f} "
+           "points** of accuracy")
+    text = (f"{how} on {n_test} test scans ({base:.1%} -> {tuned:.1%}); macro recall "
             f"{(_num(final, 'compare/base_macro_recall') or 0):.1%} -> "
             f"{(_num(final, 'compare/tuned_macro_recall') or 0):.1%}.")
     total = _num(final, "compare/n_test_total")

@@ -206,8 +206,9 @@ def describe_comparison(comparison: dict[str, Any] | None) -> str:
     if not comparison.get("n_test"):
         return f"comparison with {name}: {comparison.get('note') or 'no test scans'}"
     b, t, d = comparison["base"], comparison["tuned"], comparison["delta"]
-    word = "better" if d["acc"] > 0 else ("worse" if d["acc"] < 0 else "no better")
+    word = ("the same accuracy" if d["acc"] == 0 else
+            f"{'better' if d['acc'] > 0 else 'worse'} by {abs(d['acc']) * 100:.1f} points")
     line = (f"vs {name} on {comparison['n_test']} test scans: accuracy {b['acc']:.1%} -> "
-            f"{t['acc']:.1%} ({word} by {abs(d['acc']) * 100:.1f} points), macro recall "
+            f"{t['acc']:.1%} ({word}), macro recall "
             f"{b['macro_recall']:.1%} -> {t['macro_recall']:.1%}")
     return line + (f"\n  ({comparison['note']})" if comparison.get("note") else "")

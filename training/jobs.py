@@ -526,9 +526,10 @@ def comparison_line(final: Mapping[str, Any]) -> str:
     if not isinstance(n, (int, float)) or not isinstance(delta, (int, float)) or not n \
             or math.isnan(delta):
         return ""
-    word = "better" if delta > 0 else ("worse" if delta < 0 else "no better")
-    return (f"{word} than the base model by {abs(delta) * 100:.1f} points of accuracy on "
-            f"{int(n)} test scans ({final.get('compare/base_acc', math.nan):.1%} -> "
+    how = ("as accurate as the base model" if delta == 0 else
+           f"{'better' if delta > 0 else 'worse'} than the base model by "
+           f"{abs(delta) * 100:.1f} points of accuracy")
+    return (f"{how} on {int(n)} test scans ({final.get('compare/base_acc', math.nan):.1%} -> "
             f"{final.get('compare/tuned_acc', math.nan):.1%})")
 
 

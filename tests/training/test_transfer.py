@@ -210,3 +210,16 @@ def test_comparison_with_a_model_of_another_input_size(tmp_path: Path) -> None:
     assert failed.checkpoint is not None and "error" in failed.comparison
     assert comparison_scalars(failed.comparison) == {}
     assert read_checkpoint_info(failed.checkpoint).metrics["comparison"]["error"]
+
+
+def test_the_job_summary_line_says_better_or_worse() -> None:
+    from lungvit.training.jobs import comparison_line
+
+    assert comparison_line({"test/acc": 0.9}) == ""
+    line = comparison_line({"compare/n_test": 40.0, "compare/base_acc": 0.5,
+                            "compare/tuned_acc": 0.625, "compare/delta_acc": 0.125})
+    assert line.startswith("better than the base model by 12.5 points of accuracy")
+    assert "on 40 test scans (50.0% -> 62.5%)" in line
+    worse = comparison_line({"compare/n_test": 8.0, "compare/base_acc": 0.5,
+                             "compare/tuned_acc": 0.375, "compare/delta_acc": -0.125})
+    assert worse.startswith("worse than the base model by 12.5 points")
