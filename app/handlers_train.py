@@ -1,15 +1,14 @@
-"""Thin handlers of the Fine-tune, Runs and Model tabs.
+"""Thin handlers of the Fine-tune and Runs tabs (the Model tab's are in handlers_model).
 
 They talk to training only through the store (reads, job requests, cancellations,
-promotions) and the job launcher; training itself runs in its own process.
+promotions) and the job launcher; training itself runs in its own process. "Use this
+model" switches the model of the browser session that asks, never anyone else's.
 """
 from __future__ import annotations
 
 import html
 import json
 import math
-import shutil
-from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
