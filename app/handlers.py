@@ -35,15 +35,22 @@ TABLE_HEADERS = ["file", "prediction", "confidence", "uncertain", "out of scope"
 
 
 def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """Show LungViT's errors as readable messages; hide anything else behind a short one."""
+    """Show LungViT's errors as readable messages; hide anything else behind a short one.
+
+    A user's error (a ``gr.Error`` or a :class:`LungViTError`) is one line in the log; only
+    bugs log a traceback.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
+        except gr.Error as exc:
+            exc.print_exception = False  # gradio would print a traceback
+            log.info("%s: refused: %s", fn.__name__, " ".join(str(exc.message).split()))
             raise
         except LungViTError as exc:
+            log.info("%s: refused: %s", fn.__name__, " ".join(str(exc).split()))
             raise gr.Error(html.escape(str(exc)), print_exception=False) from None
         except Exception:  # the user gets no traceback, path or PHI; the log gets it all
             log.exception("%s failed", fn.__name__)

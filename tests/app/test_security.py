@@ -238,3 +238,25 @@ def test_cross_origin_upload_refused(running_app: tuple[str, object]) -> None:
     assert status == 200 and b"same-origin-probe.png" in body
     assert _post_upload(base, None, "no-origin-probe.png")[0] == 200  # gradio_client, curl
     assert _get(base, "/", host=None)[0] == 200
+
+
+def test_user_errors_log_one_line_and_no_traceback(
+        running_app: tuple[str, object], tmp_path: Path, capfd: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    from lungvit.app import windows
+
+    client = Client(running_app[0], verbose=False)
+    empty = _zip(tmp_path / "no-scans.zip", {"readme.txt": b"no scans in here"})
+    capfd.readouterr()
+    caplog.set_level("INFO", logger="lungvit.app")
+    for files in (None, [handle_file(str(empty))]):
+        with pytest.raises(AppError, match="(?i)upload"):
+            client.predict(files, windows.FILE, None, None, api_name="/predict_batch")
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err
+    lines = [r for r in caplog.records if r.name.startswith("lungvit.app")]
+    assert len(lines) == 2 and all(r.exc_info is None and "\n" not in r.getMessage()
+                                   for r in lines), [r.getMessage() for r in lines]
