@@ -150,6 +150,7 @@ def show_scan(ctx: AppContext, files: Sequence[Any] | None, selected: str | None
         the window presets that suit the scan's modality (choices and the one used), and
         the level and width it was shown with).
     """
+    ctx.policy.check_phi(bool(show_phi))
     predictor = ctx.model_for(choice).predictor
     path = _pick(ctx, _files(ctx, files), selected)
     shown = load_windowed(path, preset, center, width, include_phi=bool(show_phi))

@@ -44,7 +44,7 @@ def _dataset_dir(ctx: AppContext, folder: str | None, archive: Any) -> Path:
         return target
     if not folder or not folder.strip():
         raise gr.Error("Give the dataset folder (one sub-folder per class) or upload a zip")
-    path = Path(folder.strip()).expanduser()
+    path = ctx.policy.check_folder(folder.strip())  # only under --data-root when exposed
     if not path.is_dir():
         raise gr.Error(f"No such folder: {html.escape(folder.strip())}")
     return path

@@ -1,7 +1,8 @@
 """``lungvit-app``: start the LungViT web app on this computer.
 
 Loopback only unless told otherwise; a server reachable from the network needs
-``--auth``. Torch and the model load after the page is served.
+``--auth``, reads dataset folders only under ``--data-root`` and shows patient identifiers
+only with ``--allow-phi``. Torch and the model load after the page is served.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from lungvit.app.security import AuthError, is_loopback, parse_auth
+from lungvit.app.security import (
+    AccessRefused, AuthError, ServerPolicy, is_loopback, parse_auth,
+)
 
 EXIT_USAGE = 2
 log = logging.getLogger("lungvit.app")
@@ -48,10 +51,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require a login: USER:PASSWORD, or a file of such lines")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="also answer to this Host name (e.g. behind a reverse proxy)")
+    p.add_argument("--data-root", action="append", default=[], metavar="DIR",
+                   help="a folder under which the Fine-tune tab may read dataset folders "
+                        "(repeatable). A server reachable from the network reads no folder "
+                        "of its own without it (uploaded zips always work); given on "
+                        "loopback, it limits the local user too")
+    p.add_argument("--allow-phi", action="store_true",
+                   help="let clients of a server reachable from the network ask for patient "
+                        "identifiers (\"Show patient identifiers\"); on loopback they "
+                        "always may")
     p.add_argument("--max-unpacked", type=float, default=2.0, metavar="GIB",
                    help="GiB that one uploaded zip, and one browser session in all, may "
                         "unpack to (default 2)")
     return p
+
+
+def server_policy(args: argparse.Namespace) -> ServerPolicy:
+    """What clients may ask of this server, from its options (see ``--help``).
+
+    Raises:
+        AccessRefused: a ``--data-root`` that is not a folder.
+    """
+    roots = []
+    for root in args.data_root:
+        path = Path(root).expanduser()
+        if not path.is_dir():
+            raise AccessRefused(f"--data-root {root}: no such folder")
+        roots.append(path.resolve())
+    return ServerPolicy(exposed=not is_loopback(args.host), allow_phi=bool(args.allow_phi),
+                        data_roots=tuple(roots))
 
 
 def _prepare_temp(work_dir: Path) -> Path:
@@ -94,6 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.model and not Path(args.model).is_file():
         print(f"lungvit-app: no such model file: {args.model}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        policy = server_policy(args)
+    except AccessRefused as exc:
+        print(f"lungvit-app: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if not args.max_unpacked > 0:
         print("lungvit-app: --max-unpacked must be a positive number of GiB", file=sys.stderr)
         return EXIT_USAGE
@@ -104,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lungvit.app.state import make_context
 
     ctx = make_context(args.model, db_url=args.db, data_dir=args.data_dir)
+    ctx.policy = policy
     _prepare_temp(ctx.paths.work_dir)
     from lungvit.training.jobs import recover_interrupted
 

@@ -15,9 +15,12 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from lungvit.core.errors import LungViTError
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -30,6 +33,69 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "ip6-localhost"})
 
 class AuthError(ValueError):
     """An ``--auth`` value that cannot be used (the message says why)."""
+
+
+class AccessRefused(LungViTError, PermissionError):
+    """A request this server is not set up to allow (the message says which option would)."""
+
+
+@dataclass(frozen=True)
+class ServerPolicy:
+    """What a client of the app may ask of the server it runs on.
+
+    On loopback (the default) the user sits at the server: any folder of it can be a
+    dataset and patient identifiers are shown on request. A server reachable from the
+    network (``exposed``) reads folders only under ``data_roots`` (``--data-root``; uploaded
+    zips always work) and shows identifiers only when started with ``--allow-phi``.
+
+    Attributes:
+        exposed: the server listens on a non-loopback address.
+        allow_phi: identifiers may be shown on request even though it is exposed.
+        data_roots: folders under which datasets may be read; when given they apply on
+            loopback too.
+    """
+
+    exposed: bool = False
+    allow_phi: bool = False
+    data_roots: tuple[Path, ...] = ()
+
+    def check_phi(self, requested: bool) -> None:
+        """Refuse a request to show patient identifiers that this server may not grant.
+
+        Raises:
+            AccessRefused: identifiers were requested from an exposed server started
+                without ``--allow-phi``.
+        """
+        if requested and self.exposed and not self.allow_phi:
+            raise AccessRefused("This server does not show patient identifiers: it is "
+                                "reachable from the network and was started without "
+                                "--allow-phi")
+
+    def check_folder(self, folder: str | Path) -> Path:
+        """The dataset folder a client named, if this server may read it.
+
+        Args:
+            folder: a folder on the server.
+
+        Returns:
+            The folder, resolved (symbolic links followed).
+
+        Raises:
+            AccessRefused: it is outside the configured roots, or the server is exposed and
+                has none.
+        """
+        path = Path(folder).expanduser().resolve()
+        if not self.data_roots and not self.exposed:
+            return path
+        if not self.data_roots:
+            raise AccessRefused("This server reads no folders of its own: it is reachable "
+                                "from the network and was started without --data-root. "
+                                "Upload the dataset as a zip instead")
+        if any(path.is_relative_to(root.expanduser().resolve()) for root in self.data_roots):
+            return path
+        roots = ", ".join(str(r) for r in self.data_roots)
+        raise AccessRefused(f"This server reads dataset folders only under {roots} "
+                            "(--data-root); upload other datasets as a zip")
 
 
 def is_loopback(host: str) -> bool:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lungvit.app.security import ServerPolicy
+
 if TYPE_CHECKING:  # torch loads only when the first model does (the app starts fast)
     from lungvit.core.predict import Predictor
 
@@ -225,11 +227,13 @@ class AppContext:
         holder: the app's default model.
         paths: the app's folders and store.
         sessions: models that browser sessions switched to.
+        policy: what clients may ask of the server (folders, identifiers).
     """
 
     holder: ModelHolder
     paths: AppPaths
     sessions: SessionModels = field(default_factory=SessionModels)
+    policy: ServerPolicy = field(default_factory=ServerPolicy)
 
     def model_for(self, choice: str | None) -> ServedModel:
         """The model a session uses: its own choice (a path), or the default (None).

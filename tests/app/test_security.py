@@ -4,6 +4,7 @@ from __future__ import annotations
 import http.client
 import zipfile
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlparse
 
 import pytest
@@ -260,3 +261,75 @@ def test_user_errors_log_one_line_and_no_traceback(
     lines = [r for r in caplog.records if r.name.startswith("lungvit.app")]
     assert len(lines) == 2 and all(r.exc_info is None and "\n" not in r.getMessage()
                                    for r in lines), [r.getMessage() for r in lines]
+
+
+@pytest.fixture
+def exposed_ctx(tiny_checkpoint: Path, tmp_path: Path) -> Any:
+    """A context as ``lungvit-app --host 0.0.0.0`` builds it (the test binds nothing)."""
+    from lungvit.app.security import ServerPolicy
+    from lungvit.app.state import make_context
+
+    ctx = make_context(tiny_checkpoint, data_dir=tmp_path / "appdata")
+    ctx.policy = ServerPolicy(exposed=True)
+    return ctx
+
+
+def test_identifiers_need_allow_phi_when_exposed(exposed_ctx: Any,
+                                                 scans: dict[str, Path]) -> None:
+    import dataclasses
+
+    import gradio as gr
+
+    from lungvit.app import handlers, windows
+    from lungvit.app.main import build_parser, server_policy
+
+    from .conftest import PHI_NAME
+
+    def view(show_phi: bool) -> dict:
+        return handlers.show_scan(exposed_ctx, [str(scans["dicom"])], None, windows.FILE,
+                                  None, None, show_phi)[4]
+
+    with pytest.raises(gr.Error, match="--allow-phi"):
+        view(True)
+    assert "phi" not in view(False)
+    exposed_ctx.policy = dataclasses.replace(exposed_ctx.policy, allow_phi=True)
+    assert view(True)["phi"]["PatientName"] == PHI_NAME
+    exposed_ctx.policy = server_policy(build_parser().parse_args([]))  # loopback
+    assert view(True)["phi"]["PatientName"] == PHI_NAME
+    args = build_parser().parse_args(["--host", "0.0.0.0", "--auth", "a:longpassword"])
+    assert server_policy(args).exposed and not server_policy(args).allow_phi
+
+
+def test_server_folders_only_under_data_roots_when_exposed(
+        exposed_ctx: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import gradio as gr
+
+    from lungvit.app import handlers_train
+    from lungvit.app.main import EXIT_USAGE, build_parser, main, server_policy
+    from lungvit.app.security import ServerPolicy
+
+    root = tmp_path / "datasets"
+    (root / "mine" / "lung-normal").mkdir(parents=True)
+    (root / "escape").symlink_to("/etc")
+    with pytest.raises(gr.Error, match="--data-root"):
+        handlers_train.preview_dataset(exposed_ctx, "/etc", None)
+    with pytest.raises(gr.Error, match="--data-root"):
+        handlers_train.start_finetune(exposed_ctx, "/etc", None, 1, 1, False, 8, 1e-3,
+                                      handlers_train.BASE_MODELS[0])
+    exposed_ctx.policy = server_policy(build_parser().parse_args(
+        ["--host", "0.0.0.0", "--data-root", str(root)]))
+    assert exposed_ctx.policy.exposed and exposed_ctx.policy.data_roots == (root.resolve(),)
+    for outside in ("/etc", f"{root}/mine/../..", str(root / "escape")):
+        with pytest.raises(gr.Error, match="only under"):
+            handlers_train.preview_dataset(exposed_ctx, outside, None)
+    try:
+        handlers_train.preview_dataset(exposed_ctx, str(root / "mine"), None)
+    except gr.Error as exc:  # an empty dataset may be refused, but not for where it is
+        assert "data-root" not in str(exc) and "only under" not in str(exc)
+    assert ServerPolicy().check_folder("/etc") == Path("/etc").resolve()  # a local user
+    assert main(["--data-root", str(tmp_path / "missing")]) == EXIT_USAGE
+    assert "no such folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--data-root" in out and "--allow-phi" in out
