@@ -15,7 +15,7 @@ from lungvit.core.dicom_write import PHI_MARKER, PHI_SENTINELS, write_dicom
 from lungvit.core.errors import (CorruptFileError, NoPixelDataError, ScanReadError,
                                  UnsupportedImageError)
 from lungvit.core.ingest import load_scan
-from lungvit.core.phi import PATIENT_KEY_SALT, patient_key
+from lungvit.core.phi import PATIENT_KEY_CONTEXT, installation_secret, patient_key
 
 LOSSLESS = ["ExplicitVRLittleEndian", "ImplicitVRLittleEndian",
             "DeflatedExplicitVRLittleEndian", "RLELossless", "JPEG2000Lossless",
@@ -344,7 +344,7 @@ def test_phi_stays_out_of_metadata_unless_asked(tmp_path):
         assert shown[key] == value
 
 
-def test_patient_key_is_stable_salted_and_not_the_id(tmp_path):
+def test_patient_key_is_stable_keyed_and_not_the_id(tmp_path):
     a = load_scan(write_dicom(tmp_path / "a.dcm", _noise((8, 8), 8), bits_stored=8)).meta
     b = load_scan(write_dicom(tmp_path / "b.dcm", _noise((8, 8), 8, seed=9), bits_stored=8,
                               transfer_syntax="RLELossless")).meta
@@ -354,7 +354,10 @@ def test_patient_key_is_stable_salted_and_not_the_id(tmp_path):
     assert a.patient_key == b.patient_key != other.patient_key
     assert raw not in a.patient_key and a.patient_key != raw
     import hashlib
-    assert a.patient_key == hashlib.sha256(PATIENT_KEY_SALT + raw.encode()).hexdigest()[:20]
+    import hmac
+    expected = hmac.new(installation_secret(), PATIENT_KEY_CONTEXT + raw.encode(),
+                        hashlib.sha256).hexdigest()[:20]
+    assert a.patient_key == expected
     assert patient_key(raw) == a.patient_key and patient_key("  ") is None
 
 
