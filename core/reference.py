@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import pickle
+import pickletools
 import re
 import zipfile
 from collections.abc import Mapping
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,8 +28,9 @@ from torch import nn
 from lungvit.core.errors import CheckpointError
 from lungvit.core.model import VARIANTS, ModelConfig
 
-__all__ = ["ReferenceViT", "STEM_CHANNELS", "STEM_STRIDES", "reference_config",
-           "reference_to_timm", "torch_state_dict"]
+__all__ = ["ReferenceViT", "STEM_CHANNELS", "STEM_STRIDES", "load_weights_only",
+           "read_training_checkpoint", "reference_config", "reference_to_timm",
+           "torch_state_dict"]
 
 STEM_CHANNELS = (64, 64, 128, 128)
 STEM_STRIDES = (1, 1, 2, 2)
@@ -142,10 +147,95 @@ class ReferenceViT(nn.Module):
 
 # --- reading reference-design state dicts into the timm model ---------------------------
 
+def _first_global(data: bytes, max_ops: int = 100_000) -> str | None:
+    """The first global a pickle stream names (``GLOBAL posix.system``), read without
+    unpickling it (:mod:`pickletools` only parses opcodes); None if it names none."""
+    strings: list[str] = []
+    try:
+        for n, (op, arg, _) in enumerate(pickletools.genops(io.BytesIO(data))):
+            if op.name == "GLOBAL":
+                return "GLOBAL " + str(arg).replace(" ", ".")
+            if op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                return f"GLOBAL {strings[-2]}.{strings[-1]}"
+            if isinstance(arg, str):
+                strings.append(arg)
+            if op.name == "STOP" or n >= max_ops:
+                break
+    except (ValueError, EOFError, IndexError):  # a damaged stream: nothing more to say
+        pass
+    return None
+
+
+def _refused(name: str, found: str | None) -> CheckpointError:
+    what = f" ({found})" if found else ""
+    return CheckpointError(f"{name} was refused: it holds Python objects other than "
+                           f"tensors{what}, and LungViT never runs code from a model file")
+
+
+def load_weights_only(name: str, source: bytes | str | os.PathLike[str]) -> Any:
+    """``torch.load(weights_only=True)`` of a file or its bytes: tensors and plain
+    containers only, no code run, and nothing of PyTorch's on the user's terminal.
+
+    A plain Python pickle of protocol 3 or more is not a ``torch.save`` file (its legacy
+    format writes protocol 2, its zip format a zip); it is refused before PyTorch reads it,
+    which would warn about the protocol on stderr and then refuse it anyway.
+
+    Args:
+        name: the file's name, for messages.
+        source: the file's bytes, or its path.
+
+    Returns:
+        What the file holds.
+
+    Raises:
+        CheckpointError: the file is truncated or not a PyTorch file, or it holds anything
+            but tensors and plain containers (refused unread).
+    """
+    if isinstance(source, bytes):
+        head = source[:4]
+    else:
+        with open(source, "rb") as f:
+            head = f.read(4)
+    is_zip = head.startswith(b"PK\x03\x04")
+    if not is_zip and len(head) >= 2 and head[0] == 0x80 and head[1] > 2:
+        if isinstance(source, bytes):
+            data = source[:1 << 20]
+        else:
+            with open(source, "rb") as f:
+                data = f.read(1 << 20)  # the first global comes early in any real pickle
+        raise _refused(name, _first_global(data))
+    try:
+        if isinstance(source, bytes):
+            return torch.load(io.BytesIO(source), map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as exc:
+        found = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line]
+        raise _refused(name, found[0] if found else None) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        reason = str(exc).strip().split(". ")[0][:200] or type(exc).__name__
+        raise CheckpointError(f"{name} is truncated or is not a PyTorch file ({reason})") from None
+
+
+def read_training_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A Lightning ``.ckpt`` of a LungViT run, read without running code (what
+    ``lungvit train --resume`` continues from, and the best weights of a run).
+
+    Raises:
+        CheckpointError: it holds anything but tensors and plain containers, or it is not a
+            Lightning checkpoint.
+    """
+    name = Path(path).name
+    ckpt = load_weights_only(name, path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"{name} is not a training checkpoint of a LungViT run (a "
+                              ".ckpt file in the checkpoints/ folder of its run folder)")
+    return ckpt
+
+
 def torch_state_dict(name: str, data: bytes) -> dict[str, torch.Tensor]:
     """Read the bytes of a PyTorch file called ``name`` as a state dict, running no code.
 
-    ``torch.load(weights_only=True)`` refuses any pickled object but tensors and plain
+    :func:`load_weights_only` refuses any pickled object but tensors and plain
     containers. ``{"state_dict": ...}`` / ``{"model": ...}`` containers and the ``module.`` /
     ``model.`` prefixes of DataParallel and Lightning are unwrapped.
 
@@ -153,17 +243,7 @@ def torch_state_dict(name: str, data: bytes) -> dict[str, torch.Tensor]:
         CheckpointError: the data is truncated, holds anything but tensors (a pickle that
             would run code is refused unread), or is not a state dict.
     """
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = [line.strip() for line in str(exc).splitlines() if "GLOBAL" in line]
-        what = f" ({found[0]})" if found else ""
-        raise CheckpointError(f"{name} was refused: it holds Python objects other than "
-                              f"tensors{what}, and LungViT never runs code from a model file"
-                              ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
-        reason = str(exc).strip().split(". ")[0][:200] or type(exc).__name__
-        raise CheckpointError(f"{name} is truncated or is not a PyTorch file ({reason})") from None
+    obj = load_weights_only(name, data)
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

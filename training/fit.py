@@ -39,6 +39,7 @@ from lungvit.core.checkpoint import CheckpointInfo, Provenance, load_checkpoint,
 from lungvit.core.model import DEFAULT_VARIANT, VARIANTS, build_model, create_model
 from lungvit.core.predict import energy_score
 from lungvit.core.preprocess import PreprocessConfig
+from lungvit.core.reference import read_training_checkpoint
 from lungvit.training.augment import augment_config
 from lungvit.training.calibration import fit_temperature
 from lungvit.training.compare import compare_with_base
@@ -127,6 +128,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     checkpoint's; resuming without a ``run_dir`` continues in the checkpoint's run folder.
     """
     cfg = replace(cfg).validate()
+    if cfg.resume_from is not None:  # refused here, with LungViT's message, if unsafe
+        read_training_checkpoint(cfg.resume_from)
     if cfg.from_checkpoint is not None:
         from lungvit.core.checkpoint import read_checkpoint_info
 
@@ -255,7 +258,7 @@ def collect_logits(model: nn.Module, loader: DataLoader, device: torch.device | 
 
 def _load_module_weights(module: LungViTModule, ckpt_path: str) -> None:
     """Put the plain model's weights from a Lightning checkpoint into ``module.model``."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file
+    ckpt = read_training_checkpoint(ckpt_path)  # no code: its path came from a checkpoint
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     module.model.load_state_dict(state)
