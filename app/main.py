@@ -15,12 +15,17 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lungvit.app.security import (
     AccessRefused, AuthError, ServerPolicy, is_loopback, parse_auth,
 )
+from lungvit.core.owner_only import owner_only_files, tighten
+
+if TYPE_CHECKING:
+    from lungvit.app.state import AppContext
 
 EXIT_USAGE = 2
 log = logging.getLogger("lungvit.app")
@@ -91,6 +96,70 @@ def _prepare_temp(work_dir: Path) -> Path:
     return temp
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_uploads(work_dir: Path, keep: Sequence[Path] = ()) -> list[Path]:
+    """Remove the upload caches (``gradio-<pid>``) of app processes that no longer run.
+
+    A process killed without a chance to clean up (SIGKILL, a crash, a power cut) leaves
+    its uploads, patient scans among them, behind.
+
+    Args:
+        work_dir: the app's scratch folder.
+        keep: folders still in use (e.g. the uploaded dataset of a job that is running);
+            a cache holding one of them stays.
+
+    Returns:
+        The folders removed.
+    """
+    removed = []
+    for folder in sorted(work_dir.glob("gradio-*")):
+        pid = folder.name.removeprefix("gradio-")
+        if not (pid.isdigit() and folder.is_dir()) or int(pid) == os.getpid():
+            continue
+        if _pid_alive(int(pid)) or any(Path(k).is_relative_to(folder) for k in keep):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _active_job_data(db_url: str) -> list[Path]:
+    """The dataset folders of jobs that are queued or running."""
+    from lungvit.training.store import open_store
+
+    with open_store(db_url) as store:
+        jobs = store.list_jobs(limit=10_000)
+    folders = []
+    for job in jobs:
+        data = ((job.request_config or {}).get("train") or {}).get("data")
+        if str(job.status) in ("queued", "running") and data:
+            folders.append(Path(data))
+    return folders
+
+
+def _stop_on_sigterm() -> Callable[[], None]:
+    """Handle SIGTERM (a service or container stop) as Ctrl-C, so the app closes and its
+    upload cache is removed; returns what puts the previous handler back."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (main() called from a thread): leave it
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 def _warm_up(context: object) -> None:
     """Load torch and the model in the background so the first prediction is quick."""
     try:
@@ -133,17 +202,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lungvit.app.uploads import set_unpack_limit
 
     set_unpack_limit(int(args.max_unpacked * 2**30))
+    # Uploads, unpacked scans, the store, run folders and the job processes' files are the
+    # user's only (600/700), whatever the umask.
+    with owner_only_files():
+        return _run(args, auth, policy)
 
+
+def _run(args: argparse.Namespace, auth: list[tuple[str, str]] | None,
+         policy: ServerPolicy) -> int:
+    """Serve the app until it is stopped; returns the exit code."""
     from lungvit.app.state import make_context
 
     ctx = make_context(args.model, db_url=args.db, data_dir=args.data_dir)
     ctx.policy = policy
+    db_files = ([] if ctx.paths.db_file is None else [ctx.paths.db_file] + [
+        ctx.paths.db_file.with_name(ctx.paths.db_file.name + s) for s in ("-wal", "-shm")])
+    # As an older version may have left them:
+    tighten([ctx.paths.data_dir, ctx.paths.work_dir, ctx.paths.models_dir, *db_files])
+    restore_sigterm = _stop_on_sigterm()
+    try:
+        return _serve(args, auth, ctx)
+    finally:
+        restore_sigterm()
+
+
+def _serve(args: argparse.Namespace, auth: list[tuple[str, str]] | None,
+           ctx: AppContext) -> int:
+    """Prepare the upload cache and the store, then serve until Ctrl-C or SIGTERM."""
     _prepare_temp(ctx.paths.work_dir)
     from lungvit.training.jobs import recover_interrupted
 
     recovered = recover_interrupted(ctx.paths.db_url)
     if recovered:
         log.info("marked interrupted (resumable in the Runs tab): jobs %s", recovered)
+    stale = remove_stale_uploads(ctx.paths.work_dir, keep=_active_job_data(ctx.paths.db_url))
+    if stale:
+        log.info("removed the upload caches of %d app process(es) that no longer run",
+                 len(stale))
 
     from lungvit.app.ui import build_app, launch_options, serve
 
@@ -164,19 +259,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def stop_app(proc: subprocess.Popen, timeout: float = 60.0) -> int:
+def stop_app(proc: subprocess.Popen, timeout: float = 60.0,
+             sig: int = signal.SIGINT) -> int:
     """Stop a ``lungvit-app`` subprocess as Ctrl-C would (so it cleans its upload cache),
     killing it if it has not exited after ``timeout`` seconds.
 
     Args:
         proc: the process, started by the caller.
         timeout: seconds to wait after the interrupt.
+        sig: the signal that stops it (SIGTERM, as a service manager sends, works alike).
 
     Returns:
         Its exit code.
     """
     if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:

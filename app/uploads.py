@@ -134,7 +134,8 @@ def extract_zip(archive: str | os.PathLike[str], target: str | os.PathLike[str],
     skipped. Before anything is written, the sizes the archive declares are checked per
     member, over the whole archive (total and compression ratio) and against the
     session's quota; they are checked again while writing, so a lying header cannot
-    exceed them.
+    exceed them. Files are written 600 in folders 700 (scans are private, whatever the
+    umask).
 
     Args:
         archive: the zip file.
@@ -154,7 +155,7 @@ def extract_zip(archive: str | os.PathLike[str], target: str | os.PathLike[str],
     quota = SESSION_QUOTA if quota is None else quota
     session = session or current_session()
     target = Path(target)
-    target.mkdir(parents=True, exist_ok=True)
+    target.mkdir(mode=0o700, parents=True, exist_ok=True)
     name = Path(archive).name
     try:
         zf = zipfile.ZipFile(archive)
@@ -188,10 +189,10 @@ def extract_zip(archive: str | os.PathLike[str], target: str | os.PathLike[str],
             for member, dest in plan:
                 for folder in reversed(dest.parents):
                     if folder.is_relative_to(target) and not folder.exists():
-                        folder.mkdir()
+                        folder.mkdir(mode=0o700)  # scans are private whatever the umask
                         made.append(folder)
                 written = 0
-                with zf.open(member) as src, open(dest, "wb") as dst:
+                with zf.open(member) as src, open(dest, "wb", opener=_owner_only) as dst:
                     made.append(dest)
                     while chunk := src.read(1 << 20):
                         written += len(chunk)
@@ -211,6 +212,11 @@ def extract_zip(archive: str | os.PathLike[str], target: str | os.PathLike[str],
             _remove(made)
             raise
     return out
+
+
+def _owner_only(path: str, flags: int) -> int:
+    """``open`` opener creating the file 600 (the umask can only narrow it further)."""
+    return os.open(path, flags, 0o600)
 
 
 def _remove(made: Sequence[Path]) -> None:

@@ -2,6 +2,7 @@
 
 Exit codes: 0 success; 1 some input could not be processed (each failure reported);
 2 usage error (argparse); 3 a model or configuration problem stopped the command.
+Everything a command writes is readable by its owner only (:mod:`lungvit.core.owner_only`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from collections.abc import Sequence
 
 from lungvit.core import __version__
 from lungvit.core.errors import LungViTError
+from lungvit.core.owner_only import owner_only_files, tighten
+from lungvit.core.phi import data_dir
 
 # Each module defines ``register(subparsers)``, which adds its parser(s) and sets
 # ``func`` to a callable taking the parsed namespace and returning an exit code.
@@ -64,8 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    # What commands write (stores, run folders, checkpoints, job processes' files) is the
+    # user's only; a data directory an older version left open is closed.
+    tighten([data_dir()])
     try:
-        return int(args.func(args))
+        with owner_only_files():
+            return int(args.func(args))
     except LungViTError as exc:
         print(f"lungvit {args.command}: {exc}", file=sys.stderr)
         return EXIT_ERROR

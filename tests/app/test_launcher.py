@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -48,12 +50,20 @@ def test_console_script_refuses_public_host_without_auth() -> None:
 
 
 def test_launcher_serves_page_and_prints_url(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """...with owner-only files under the usual umask, the upload caches of app processes
+    that no longer run removed at start, and its own removed on SIGTERM."""
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    work = tmp_path / "data" / "tmp"
+    stale = work / "gradio-99999999"  # above any pid_max: a process that no longer runs
+    (stale / "upload").mkdir(parents=True)
+    (stale / "upload" / "patient.dcm").write_bytes(b"scan")
+    alive = work / f"gradio-{os.getpid()}"  # a running process's: kept
+    alive.mkdir()
     proc = subprocess.Popen(
         [sys.executable, "-m", "lungvit.app.main", "--port", str(port), "--model",
          str(tiny_checkpoint), "--data-dir", str(tmp_path / "data")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, umask=0o022)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
@@ -72,11 +82,30 @@ def test_launcher_serves_page_and_prints_url(tiny_checkpoint: Path, tmp_path: Pa
         while time.monotonic() < deadline and f"localhost:{port}" not in "".join(lines):
             time.sleep(0.2)
         assert "LungViT" in page
-        temp_dirs = list((tmp_path / "data" / "tmp").glob("gradio-*"))
-        assert temp_dirs, "the upload cache should live under the data directory"
+        own = work / f"gradio-{proc.pid}"
+        assert own.is_dir(), "the upload cache should live under the data directory"
+        assert not stale.exists() and alive.is_dir()
+        mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+        assert (mode(tmp_path / "data"), mode(work), mode(own)) == (0o700,) * 3
+        assert mode(tmp_path / "data" / "lungvit.db") == 0o600
     finally:
-        stop_app(proc)
+        code = stop_app(proc, sig=signal.SIGTERM)
         reader.join(timeout=10)
     out = "".join(lines)
     assert f"http://localhost:{port}/" in out
-    assert not list((tmp_path / "data" / "tmp").glob("gradio-*")), "upload cache not cleaned"
+    assert code == 0, out[-3000:]
+    assert [p.name for p in work.glob("gradio-*")] == [alive.name], "upload cache not cleaned"
+
+
+def test_stale_upload_caches_are_removed_unless_in_use(tmp_path: Path) -> None:
+    from lungvit.app.main import remove_stale_uploads
+
+    dead = tmp_path / "gradio-99999999"
+    in_use = tmp_path / "gradio-99999998"  # holds the uploaded dataset of a running job
+    running = tmp_path / f"gradio-{os.getpid()}"
+    other = tmp_path / "gradio-notapid"
+    for folder in (dead / "lungvit", in_use / "lungvit" / "datasets" / "d", running, other):
+        folder.mkdir(parents=True)
+    removed = remove_stale_uploads(tmp_path, keep=[in_use / "lungvit" / "datasets" / "d"])
+    assert removed == [dead] and not dead.exists()
+    assert in_use.is_dir() and running.is_dir() and other.is_dir()

@@ -333,3 +333,20 @@ def test_server_folders_only_under_data_roots_when_exposed(
         main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "--data-root" in out and "--allow-phi" in out
+
+
+def test_unpacked_scans_are_owner_only_whatever_the_umask(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    archive = _zip(tmp_path / "a.zip", {"patient/study/scan.dcm": b"x" * 100,
+                                        "top.png": b"png"})
+    old = os.umask(0o022)
+    try:
+        files = extract_zip(archive, tmp_path / "out")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert sorted(mode(f) for f in files) == [0o600, 0o600]
+    folders = [tmp_path / "out", tmp_path / "out" / "patient", tmp_path / "out/patient/study"]
+    assert [mode(d) for d in folders] == [0o700] * 3
