@@ -160,8 +160,21 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _recover(args: argparse.Namespace) -> None:
+    """Mark interrupted the running jobs whose process stopped beating, by the rule the app
+    applies at start, so the command line sees (and resumes) them without the app."""
+    from lungvit.training.jobs import DEFAULT_STALE_AFTER_S, recover_interrupted
+
+    recovered = recover_interrupted(args.db)
+    if recovered:
+        print(f"job(s) {', '.join(map(str, recovered))}: no heartbeat for "
+              f"{DEFAULT_STALE_AFTER_S:g} s, marked interrupted (`lungvit runs resume ID` "
+              "continues one)", file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------- commands
 def cmd_list(args: argparse.Namespace) -> int:
+    _recover(args)
     with _store(args) as store:
         jobs = store.list_jobs(status=args.status, limit=args.limit)
     if not jobs:
@@ -183,6 +196,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    _recover(args)
     with _store(args) as store:
         job = store.get_job(args.job)
         series = store.metrics(args.job)
@@ -272,6 +286,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from lungvit.training import jobs
 
+    _recover(args)
     if args.wait:
         with _store(args) as store:
             status = store.get_job(args.job).status
