@@ -42,11 +42,13 @@ from ray._raylet import AuthenticationMode, Config, get_authentication_mode
 from ray.train import (Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
                        UserCallback)
 from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch.config import _TorchBackend
 
 from lungvit.core.errors import LungViTError
 from lungvit.training.config import TrainConfig
 from lungvit.training.fit import fit
+from lungvit.training.loopback_pg import install as install_loopback_rendezvous
 from lungvit.training.store import open_store
 from lungvit.training.store_callback import StoreCallback
 
@@ -317,6 +319,24 @@ class TrainSpec:
                              f"{self.owner_pid!r} on {self.owner_host!r}")
 
 
+class _LoopbackTorchBackend(_TorchBackend):
+    """Ray's torch backend, whose process group stays on loopback on a local cluster (see
+    :mod:`lungvit.training.loopback_pg`; on other clusters it is Ray's own)."""
+
+    def on_start(self, worker_group: Any, backend_config: Any) -> None:
+        worker_group.execute(install_loopback_rendezvous)
+        super().on_start(worker_group, backend_config)
+
+
+@dataclass
+class LoopbackTorchConfig(TorchConfig):
+    """:class:`ray.train.torch.TorchConfig` with :class:`_LoopbackTorchBackend`."""
+
+    @property
+    def backend_cls(self) -> type:
+        return _LoopbackTorchBackend
+
+
 def train(spec: TrainSpec) -> None:
     """Run the training on the connected cluster; return when the workers are done.
 
@@ -327,6 +347,7 @@ def train(spec: TrainSpec) -> None:
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"spec": spec},
+        torch_config=LoopbackTorchConfig(),  # no worker socket beyond 127.0.0.1 locally
         scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=spec.use_gpu,
                                      resources_per_worker=spec.resources_per_worker),
         run_config=RunConfig(

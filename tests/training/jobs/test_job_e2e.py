@@ -3,14 +3,17 @@
 The one Ray-backed test of the default run: the job completes; its metrics, checkpoints
 and final model land in the store with its comparison against a given model (one that
 reads 64 px scans, the job 32 px) on its test split; the model loads and predicts; the
-database holds none of the phantoms' patient data; no Ray process is left.
+database holds none of the phantoms' patient data; every socket the job's processes listen
+on while it trains is on loopback; no Ray process is left.
 """
 from __future__ import annotations
 
 import csv
+import ipaddress
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -39,8 +42,25 @@ def test_train_on_ray_lands_in_the_store(tmp_path: Path, dicom_data: Path, cache
                   "--patience", "0", "--cache-dir", str(cache_dir),
                   "--workers", "2", "--db", url, "--compare-to", str(other)],
                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    stdout, stderr = proc.communicate(timeout=560)
+    listening, workers_seen, done = set(), [], threading.Event()
+
+    def watch_sockets() -> None:  # what the job's processes listen on while it trains
+        while not done.wait(0.5):
+            procs = session_processes(proc.pid)
+            workers_seen.extend(p for p, c in procs.items() if "RayTrainWorker" in c)
+            listening.update(_listening(procs))
+
+    watcher = threading.Thread(target=watch_sockets, daemon=True)
+    watcher.start()
+    try:
+        stdout, stderr = proc.communicate(timeout=560)
+    finally:
+        done.set()
+        watcher.join(timeout=30)
     assert proc.returncode == 0, stderr[-4000:]
+    assert workers_seen and listening
+    exposed = sorted(a for a in listening if not ipaddress.ip_address(a[0]).is_loopback)
+    assert not exposed, f"sockets beyond loopback during the job: {exposed}"
     assert f"model: {out}" in stdout and "job 1: succeeded" in stderr
 
     with open_store(url) as store:
@@ -102,6 +122,37 @@ def test_train_on_ray_lands_in_the_store(tmp_path: Path, dicom_data: Path, cache
     assert f"on {len(test)} test scans (" in stdout
 
     assert session_processes(proc.pid) == {}, "Ray processes outlived the job"
+
+
+def _listening(pids: object) -> set[tuple[str, int]]:
+    """(address, port) of the TCP sockets these processes listen on (Linux /proc)."""
+    inodes = set()
+    for pid in pids:  # type: ignore[attr-defined]
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] != "0A" or f[9] not in inodes:  # 0A: LISTEN
+                continue
+            hex_ip, hex_port = f[1].split(":")
+            raw = bytes.fromhex(hex_ip)  # 32-bit words in host (little-endian) order
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+            ip = ipaddress.ip_address(raw)
+            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+                ip = ip.ipv4_mapped
+            found.add((str(ip), int(hex_port, 16)))
+    return found
 
 
 def _other_model(path: Path) -> Path:
