@@ -40,6 +40,7 @@ from sqlalchemy.engine import make_url
 from lungvit.core.errors import LungViTError
 from lungvit.training.config import TrainConfig
 from lungvit.core.configs import unknown_keys
+from lungvit.training.ray_sessions import reap_job_session
 from lungvit.training.store import (AttemptConflictError, JobRecord, JobStatus, Store,
                                     default_data_dir, default_db_url, open_store)
 
@@ -214,18 +215,24 @@ def launch_job(request: JobRequest | Mapping[str, Any], *, db_url: str | None = 
 
 def recover_interrupted(db_url: str | None = None, *,
                         stale_after_s: float = DEFAULT_STALE_AFTER_S) -> list[int]:
-    """Mark running jobs whose heartbeat stopped as interrupted (call at app start)."""
+    """Mark running jobs whose heartbeat stopped as interrupted (call at app start), and
+    end the Ray processes their killed process left (:mod:`lungvit.training.ray_sessions`)."""
     with open_store(_url(db_url)) as store:
-        return store.mark_stale_interrupted(stale_after_s=stale_after_s)
+        stale = store.mark_stale_interrupted(stale_after_s=stale_after_s)
+        for job_id in stale:
+            reap_job_session(store.get_job(job_id))
+    return stale
 
 
 def resume_job(job_id: int, *, db_url: str | None = None,
                heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> subprocess.Popen[bytes]:
-    """Start a process that continues interrupted job ``job_id`` from its last checkpoint."""
+    """Start a process that continues interrupted job ``job_id`` from its last checkpoint
+    (once what its killed process left of its Ray cluster is gone)."""
     with open_store(_url(db_url)) as store:
-        status = store.get_job(job_id).status
-    if status is not JobStatus.INTERRUPTED:
-        raise JobError(f"job {job_id} is {status}; only an interrupted job can be resumed")
+        job = store.get_job(job_id)
+    if job.status is not JobStatus.INTERRUPTED:
+        raise JobError(f"job {job_id} is {job.status}; only an interrupted job can be resumed")
+    reap_job_session(job)
     return start_job_process(job_id, db_url=db_url, heartbeat_s=heartbeat_s)
 
 

@@ -288,11 +288,14 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     _recover(args)
     if args.wait:
+        from lungvit.training.ray_sessions import reap_job_session
+
         with _store(args) as store:
-            status = store.get_job(args.job).status
-        if status.value != "interrupted":
-            raise jobs.JobError(f"job {args.job} is {status}; only an interrupted job can be "
-                                "resumed")
+            job = store.get_job(args.job)
+        if job.status.value != "interrupted":
+            raise jobs.JobError(f"job {args.job} is {job.status}; only an interrupted job can "
+                                "be resumed")
+        reap_job_session(job)
         return jobs.run_in_foreground(args.job, db_url=args.db,
                                       worker_logs=bool(getattr(args, "verbose", False)))
     proc = jobs.resume_job(args.job, db_url=args.db)

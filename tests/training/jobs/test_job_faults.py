@@ -99,8 +99,10 @@ def test_a_killed_job_is_recovered_and_resumed_from_its_last_checkpoint(
         killed_at = max(s for s, _, _ in metric_rows(db_url, job_id))
         assert store.get_job(job_id).status is JobStatus.RUNNING  # nobody noticed yet
         time.sleep(2.5)
+        left = _session_left(proc.pid)  # Ray's agents outlive the job's process
         assert jobs.recover_interrupted(db_url, stale_after_s=2.0) == [job_id]  # app start
         assert store.get_job(job_id).status is JobStatus.INTERRUPTED
+        assert _session_left(proc.pid) == [], f"left: {left}; still running after recovery"
 
         resumed = jobs.resume_job(job_id, db_url=db_url, heartbeat_s=HEARTBEAT_S)
         sessions.append(resumed.pid)
@@ -117,6 +119,14 @@ def test_a_killed_job_is_recovered_and_resumed_from_its_last_checkpoint(
     keys = [(s, n) for s, n, _ in metric_rows(db_url, job_id)]
     assert len(keys) == len(set(keys)) and set(keys) == expected_metric_keys(steps)
     assert session_processes(resumed.pid) == {}
+
+
+def _session_left(pid: int) -> list[int]:
+    """The processes of the Ray cluster that job process ``pid`` started still running."""
+    from lungvit.training.ray_sessions import session_dirs
+    from lungvit.training.ray_sessions import session_processes as of_session
+
+    return [p for d in session_dirs(pid) for p in of_session(d)]
 
 
 def test_cancel_stops_the_job_within_10_s_and_leaves_no_worker(
