@@ -350,3 +350,27 @@ def test_unpacked_scans_are_owner_only_whatever_the_umask(tmp_path: Path) -> Non
     assert sorted(mode(f) for f in files) == [0o600, 0o600]
     folders = [tmp_path / "out", tmp_path / "out" / "patient", tmp_path / "out/patient/study"]
     assert [mode(d) for d in folders] == [0o700] * 3
+
+
+def test_session_quota_applies_to_each_browser_session(
+        running_app: tuple[str, object], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    from lungvit.app import uploads, windows
+
+    rng = __import__("random").Random(1)
+    zips = [_zip(tmp_path / f"{i}.zip", {f"scan{i}.png": rng.randbytes(200_000)})
+            for i in range(3)]
+    monkeypatch.setattr(uploads.SESSION_QUOTA, "limit", 300_000)
+
+    def batch(client: Client, archive: Path) -> object:
+        return client.predict([handle_file(str(archive))], windows.FILE, None, None,
+                              api_name="/predict_batch")
+
+    first = Client(running_app[0], verbose=False)
+    batch(first, zips[0])  # unpacked (and not a scan: a row saying so)
+    with pytest.raises(AppError, match="this session has already unpacked"):
+        batch(first, zips[1])
+    batch(Client(running_app[0], verbose=False), zips[2])  # another session has its own
