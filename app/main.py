@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="port (default 7860; 0: any free port)")
     p.add_argument("--model", metavar="MODEL",
                    help="checkpoint to serve (.safetensors, or a reference-design .pth); "
-                        "default: the bundled demo model")
+                        "default: the bundled real-data model")
     p.add_argument("--db", metavar="URL",
                    help="tracking store (SQLAlchemy URL); default: a SQLite file in the "
                         "data directory")

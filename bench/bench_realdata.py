@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from lungvit.core.checkpoint import load_checkpoint, save_checkpoint
+from lungvit.core.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
 from lungvit.core.ingest import load_scan
 from lungvit.core.predict import Predictor
 from lungvit.training.config import TrainConfig
@@ -211,11 +211,11 @@ def _folds(index: Any) -> list[dict[str, str]]:
 def cmd_loso(args: argparse.Namespace, argv: list[str]) -> int:
     work = Path(args.work)
     index = discover(args.data, min_per_class=1)
-    folds = _folds(index)
+    folds = list(enumerate(_folds(index)))
     if args.folds:
         folds = [folds[int(k)] for k in args.folds.split(",")]
     results = []
-    for k, holdout in enumerate(folds):
+    for k, holdout in folds:
         held = [i for i, s in enumerate(index.samples) if holdout.get(s.label) == s.source]
         rest = [i for i in range(len(index.samples)) if i not in set(held)]
         sub = type(index)([index.samples[i] for i in rest], index.classes, [], {}, index.root)
@@ -263,9 +263,16 @@ def cmd_loso(args: argparse.Namespace, argv: list[str]) -> int:
         lines.append(f"| {r['class']} | {r['held_out_source']} | "
                      f"{', '.join(r['train_sources'])} | {rec} | {r['n']} | {pred} |")
     _write(args.results, "\n".join(lines) + "\n")
-    if args.into:
-        _store(args.into, "cross_source", {"macro_recall": macro, "pairs": results,
-                                           "variant": args.variant, "epochs": args.epochs})
+    if args.into:  # merged with folds stored by earlier runs (one fold per process)
+        old = read_checkpoint_info(args.into).metrics.get("cross_source", {})
+        mine = {(r["class"], r["held_out_source"]) for r in results}
+        pairs = [p for p in old.get("pairs", [])
+                 if (p["class"], p["held_out_source"]) not in mine] + results
+        pairs.sort(key=lambda p: (p["class"], p["held_out_source"]))
+        scored = [p["recall"] for p in pairs if p["recall"] is not None]
+        _store(args.into, "cross_source", {
+            "macro_recall": sum(scored) / len(scored) if scored else None, "pairs": pairs,
+            "variant": args.variant, "epochs": args.epochs})
     return 0
 
 

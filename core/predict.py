@@ -35,11 +35,23 @@ _MODALITY_NAMES = {"CT": "a CT image", "MR": "an MR image", "US": "an ultrasound
                    "XC": "an external camera photo", "SM": "a microscopy slide"}
 
 
+BUNDLED_MODEL = "lungvit-real.safetensors"  # trained on real public scans (assets/README.md)
+DEMO_MODEL = "lungvit-demo.safetensors"  # trained on synthetic phantoms, for trying LungViT out
+
+
 def bundled_model_path() -> Path | None:
-    """The demo checkpoint shipped in ``lungvit.assets``, or None if not installed."""
+    """The default checkpoint shipped in ``lungvit.assets`` (real scans), or None."""
     import lungvit.assets
 
-    path = Path(lungvit.assets.__file__).parent / "lungvit-demo.safetensors"
+    path = Path(lungvit.assets.__file__).parent / BUNDLED_MODEL
+    return path if path.is_file() else None
+
+
+def demo_model_path() -> Path | None:
+    """The phantom-trained demo checkpoint shipped in ``lungvit.assets``, or None."""
+    import lungvit.assets
+
+    path = Path(lungvit.assets.__file__).parent / DEMO_MODEL
     return path if path.is_file() else None
 
 
@@ -149,11 +161,11 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, **kwargs: Any) -> Predictor:
-        """Load ``path``, or the bundled demo model when ``path`` is None."""
+        """Load ``path``, or the bundled real-data model when ``path`` is None."""
         if path is None:
             path = bundled_model_path()
             if path is None:
-                raise CheckpointError("no model given and no bundled demo model is installed; "
+                raise CheckpointError("no model given and no bundled model is installed; "
                                       "pass a checkpoint file (--model MODEL)")
         model, info = load_checkpoint(path)
         return cls(model, info, **kwargs)

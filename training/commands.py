@@ -93,6 +93,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--keep-best", type=int, metavar="K", help="resumable checkpoints kept (3)")
     run.add_argument("--patience", type=int, metavar="N",
                      help="stop after N evaluations without a lower val loss; 0: never (5)")
+    run.add_argument("--split", dest="split_manifest", metavar="CSV",
+                     help="reuse this split file (path,label,split; e.g. the split.csv of an "
+                     "earlier run) instead of drawing one: the same test scans on any machine")
     run.add_argument("--run-dir", metavar="DIR",
                      help="run folder (default: ~/.local/share/lungvit/runs/<MODEL name>/"
                      "version_<n>, under $LUNGVIT_HOME when set)")

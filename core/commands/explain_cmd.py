@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "'all' for every one.")
     p.add_argument("file", metavar="FILE", help="the scan (DICOM, PNG or JPEG)")
     p.add_argument("--model", metavar="MODEL",
-                   help="checkpoint (.safetensors, or a reference-design .pth); default: the bundled demo model")
+                   help="checkpoint (.safetensors, or a reference-design .pth); default: the bundled real-data model")
     p.add_argument("--method", default="rollout", metavar="M[,M...]",
                    help="comma-separated methods (default: rollout)")
     p.add_argument("--target", metavar="CLASS",

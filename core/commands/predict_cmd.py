@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("files", nargs="+", metavar="FILE", help="scans to classify")
     p.add_argument("--model", metavar="MODEL",
                    help="checkpoint (.safetensors, or a reference-design .pth); "
-                   "default: the bundled demo model")
+                   "default: the bundled real-data model")
     p.add_argument("--json", action="store_true", help="print one JSON list of records")
     p.add_argument("--csv", metavar="OUT", help="also write a CSV table to OUT")
     p.add_argument("--top-k", type=int, default=3, metavar="K", help="classes to list (3)")

@@ -1,4 +1,4 @@
-"""The bundled demo model: labelled as a demo, and as accurate as it says on new phantoms."""
+"""The phantom demo model: labelled as a demo, and as accurate as it says on new phantoms."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +8,7 @@ import pytest
 from lungvit.core.checkpoint import load_checkpoint, read_checkpoint_info
 from lungvit.core.cli import main as cli_main
 from lungvit.core.phantoms import CLASS_NAMES
-from lungvit.core.predict import Predictor, bundled_model_path
+from lungvit.core.predict import Predictor, demo_model_path
 
 DEMO = Path(__file__).resolve().parents[2] / "assets" / "lungvit-demo.safetensors"
 PER_CLASS = 60  # fresh phantoms per class (540 images)
@@ -34,8 +34,8 @@ def test_demo_checkpoint_is_small_and_says_what_it_is() -> None:
 
 
 def test_demo_model_scores_its_recorded_accuracy_on_fresh_phantoms(tmp_path: Path) -> None:
-    if bundled_model_path() is not None:  # the installed copy is the same file
-        assert bundled_model_path().read_bytes() == DEMO.read_bytes()
+    if demo_model_path() is not None:  # the installed copy is the same file
+        assert demo_model_path().read_bytes() == DEMO.read_bytes()
     recorded = read_checkpoint_info(DEMO).metrics["accuracy"]
     data = tmp_path / "fresh"
     assert cli_main(["demo-data", str(data), "--per-class", str(PER_CLASS),

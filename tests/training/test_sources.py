@@ -163,3 +163,19 @@ def test_presets_and_validation() -> None:
         AugmentConfig(blur_prob=1.5)
     with pytest.raises(ValueError, match="jpeg_quality"):
         AugmentConfig(jpeg_quality=(50, 20))
+
+
+def test_train_split_option_reaches_the_config(tmp_path: Path) -> None:
+    import argparse
+
+    from lungvit.training import commands
+
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "--data", "d", "--out", "m.safetensors", "--split",
+                              str(tmp_path / "split.csv"), "--augment-policy", "acquisition",
+                              "--balanced-sampling", "--cite", "A", "--cite", "B"])
+    cfg = commands.config_from_args(args)
+    assert cfg.split_manifest == str(tmp_path / "split.csv")
+    assert cfg.augment_policy == "acquisition" and cfg.balanced_sampling
+    assert cfg.citations == ["A", "B"]
