@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", help="the base model (default: the bundled model)")
-    p.add_argument("--data", default="/work/shared/realdata",
+    p.add_argument("--data", default="../shared/realdata",
                    help="folder of class folders of SOURCE__name scans")
     p.add_argument("--classes", default=",".join(DEFAULT_CLASSES),
                    help="comma-separated classes of the fine-tuning set")

@@ -61,6 +61,20 @@ def _config(data: str, work: Path, name: str, variant: str, epochs: int, **extra
                        **recipe)
 
 
+def _overrides(items: list[str] | None) -> dict[str, Any]:
+    """``KEY=VALUE`` recipe overrides (VALUE read as JSON when it parses: true, 0.1, "x")."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in TrainConfig.__dataclass_fields__:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with a TrainConfig field")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def latency_ms(model_path: str | Path, threads: int = 2, repeats: int = 30) -> float:
     """Median batch-1 forward time (ms) of the model on ``threads`` CPU threads."""
     torch.set_num_threads(threads)
@@ -226,7 +240,7 @@ def cmd_loso(args: argparse.Namespace, argv: list[str]) -> int:
         (work / name).mkdir(parents=True, exist_ok=True)
         save_split_manifest(work / name / "split.csv", index, manifest)
         cfg = _config(args.data, work, name, args.variant, args.epochs, min_per_class=1,
-                      max_steps=args.max_steps,
+                      max_steps=args.max_steps, **_overrides(args.set),
                       split_manifest=str(work / name / "split.csv"))
         result = fit(cfg, progress=False)
         paths = [index.samples[i].path for i in held]
@@ -249,7 +263,8 @@ def cmd_loso(args: argparse.Namespace, argv: list[str]) -> int:
     scored = [r["recall"] for r in results if r["recall"] is not None]
     macro = sum(scored) / len(scored) if scored else None
     lines = _header("Real data, leave one source out", argv)
-    lines += [f"Variant {args.variant}, recipe {json.dumps(RECIPE)}, {args.epochs} epochs per "
+    recipe = {**RECIPE, **_overrides(args.set)}
+    lines += [f"Variant {args.variant}, recipe {json.dumps(recipe)}, {args.epochs} epochs per "
               "fold. In each fold the held-out source of each listed class is absent from "
               "training and validation; its scans are scored once at the end.", "",
               f"Macro recall over held-out (class, source) pairs: **{macro:.3f}**"
@@ -263,16 +278,30 @@ def cmd_loso(args: argparse.Namespace, argv: list[str]) -> int:
         lines.append(f"| {r['class']} | {r['held_out_source']} | "
                      f"{', '.join(r['train_sources'])} | {rec} | {r['n']} | {pred} |")
     _write(args.results, "\n".join(lines) + "\n")
-    if args.into:  # merged with folds stored by earlier runs (one fold per process)
-        old = read_checkpoint_info(args.into).metrics.get("cross_source", {})
-        mine = {(r["class"], r["held_out_source"]) for r in results}
-        pairs = [p for p in old.get("pairs", [])
-                 if (p["class"], p["held_out_source"]) not in mine] + results
-        pairs.sort(key=lambda p: (p["class"], p["held_out_source"]))
-        scored = [p["recall"] for p in pairs if p["recall"] is not None]
-        _store(args.into, "cross_source", {
-            "macro_recall": sum(scored) / len(scored) if scored else None, "pairs": pairs,
-            "variant": args.variant, "epochs": args.epochs})
+    if args.into:
+        _store_loso(args.into, results, args.variant, args.epochs)
+    return 0
+
+
+def _store_loso(model: str, results: list[dict[str, Any]], variant: str, epochs: int) -> None:
+    """Merge fold results into ``model``'s ``cross_source`` metrics (one fold per process)."""
+    old = read_checkpoint_info(model).metrics.get("cross_source", {})
+    mine = {(r["class"], r["held_out_source"]) for r in results}
+    pairs = [p for p in old.get("pairs", [])
+             if (p["class"], p["held_out_source"]) not in mine] + results
+    pairs.sort(key=lambda p: (p["class"], p["held_out_source"]))
+    scored = [p["recall"] for p in pairs if p["recall"] is not None]
+    _store(model, "cross_source", {
+        "macro_recall": sum(scored) / len(scored) if scored else None, "pairs": pairs,
+        "variant": variant, "epochs": epochs})
+
+
+def cmd_store_loso(args: argparse.Namespace, argv: list[str]) -> int:
+    """Store the JSON rows that ``loso`` runs printed (their logs) into a checkpoint."""
+    results = [json.loads(line) for log in args.logs for line in Path(log).read_text().splitlines()
+               if line.startswith('{"class"')]
+    _store_loso(args.into, results, args.variant, args.epochs)
+    print(f"stored {len(results)} held-out (class, source) results in {args.into}")
     return 0
 
 
@@ -297,12 +326,23 @@ def main(argv: list[str] | None = None) -> int:
     sub.choices["loso"].add_argument("--epochs", type=int, default=6)
     sub.choices["loso"].add_argument("--folds", help="only these fold numbers (0,1,...)")
     sub.choices["loso"].add_argument("--into", help="store the figures in this checkpoint")
+    sub.choices["loso"].add_argument("--set", action="append", metavar="KEY=VALUE",
+                                     help="override a recipe setting (ablations), e.g. "
+                                     "augment_policy=basic, balanced_sampling=false")
+    store = sub.add_parser("store-loso", help="store loso results printed in logs")
+    store.add_argument("logs", nargs="+")
+    store.add_argument("--into", required=True)
+    store.add_argument("--variant", default="lungvit_t128")
+    store.add_argument("--epochs", type=int, default=6)
+    store.add_argument("--data", default="../shared/realdata")
+    store.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not Path(args.data).is_dir():
         print(f"no data folder at {args.data}", file=sys.stderr)
         return 2
-    return {"variants": cmd_variants, "evaluate": cmd_evaluate, "loso": cmd_loso}[args.command](
+    return {"variants": cmd_variants, "evaluate": cmd_evaluate, "loso": cmd_loso,
+            "store-loso": cmd_store_loso}[args.command](
         args, argv)
 
 

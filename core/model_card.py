@@ -67,10 +67,12 @@ def _within_source(result: dict[str, Any]) -> list[str]:
 
 def _cross_source(result: dict[str, Any]) -> list[str]:
     lines = ["### Across sources: leave one source out", "",
-             "For each class with two or more sources, a model of the same recipe was trained "
-             "with one source left out and scored on that source's scans (an estimate of "
-             "how the model does on a hospital it has not seen). Macro recall over the "
-             f"held-out (class, source) pairs: {_fmt(result.get('macro_recall'))}.", "",
+             "For each class with two or more sources, a model of the same recipe "
+             f"({result.get('variant', 'same variant')}, {result.get('epochs', '?')} epochs) "
+             "was trained with one source left out and scored on that source's scans (an "
+             "estimate of how the model does on a hospital it has not seen). Macro recall "
+             f"over the held-out (class, source) pairs: {_fmt(result.get('macro_recall'))}.",
+             "",
              "| class | held-out source | recall | n |", "|---|---|---|---|"]
     for pair in result.get("pairs", []):
         lines.append(f"| {pair.get('class')} | {pair.get('held_out_source')} | "

@@ -21,7 +21,7 @@ from a file name of the form ``SOURCE__name.ext`` (two underscores, as in
 ``../shared/realdata``: ``meddef1__person1000_virus_1681.png`` has source ``meddef1``), else
 it is unknown (None). The source prefix is stripped before the patient patterns are matched.
 
-Every key is stored only as :func:`lungvit.core.phi.patient_key` (salted SHA-256), so a raw
+Every key is stored only as :func:`lungvit.core.phi.patient_key` (an HMAC under the installation's secret), so a raw
 identifier from a manifest is never kept in memory objects that might be logged, and a
 manifest that lists DICOM PatientIDs yields the same keys as the files themselves.
 """
