@@ -171,8 +171,9 @@ VARIANTS: dict[str, ModelConfig] = {
 # trained on the same phantoms with the same 450-CPU-second budget; lungvit_tiny reached 84%
 # test accuracy on all nine classes, the 5 M-parameter variants 20-24% (2-5 epochs in that
 # budget), and it is also the fastest per scan. It is what `lungvit train` builds when no
-# variant or base model is named, and the bundled demo model's variant. On a GPU, where the
-# larger variants get enough steps, rerun that benchmark before changing this.
+# variant or base model is named, and the phantom demo model's variant. The bundled real-data
+# model is lungvit_t128 (chosen on real scans: bench/RESULTS-realdata-variants.md); training a
+# new model on real scans, name it (--variant lungvit_t128) or fine-tune from the bundled one.
 DEFAULT_VARIANT = "lungvit_tiny"
 
 

@@ -282,6 +282,22 @@ def _energy_threshold(logits: torch.Tensor) -> float | None:
     return float(torch.quantile(energy_score(logits), OOD_ENERGY_QUANTILE))
 
 
+def _fsspec_rereads_umask() -> None:
+    """Make fsspec read the process's umask again before Lightning writes checkpoints.
+
+    fsspec caches the umask of its first local write (``get_umask`` is ``lru_cache``d) and
+    chmods every file it commits with it, so a process that wrote once under umask 022 would
+    write later checkpoints 644 even under the owner-only umask the CLI sets.
+    """
+    try:
+        from fsspec.implementations.local import get_umask
+    except ImportError:  # fsspec (a Lightning dependency) changed: nothing cached to clear
+        return
+    clear = getattr(get_umask, "cache_clear", None)
+    if clear is not None:
+        clear()
+
+
 def _train_sources(dm: ScanDataModule) -> dict[str, dict[str, int]]:
     """Training-split images per class and source ({} when no sample names its source)."""
     train = [dm.samples[i] for i in dm.splits["train"]]
@@ -386,6 +402,7 @@ def fit(cfg: TrainConfig, *, datamodule: ScanDataModule | None = None,
             dm.save_split_manifest(cfg.split_manifest)
 
     started = time.perf_counter()
+    _fsspec_rereads_umask()
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.resume_from)
     wall = time.perf_counter() - started
 
