@@ -10,11 +10,17 @@ import pytest
 @pytest.fixture(scope="session", autouse=True)
 def _patient_key_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Decoding a DICOM creates the installation's patient-key secret (lungvit.core.phi);
-    the tests (and the processes they start) use one of their own."""
+    the tests (and the processes they start) use one of their own, with a fixed content so
+    that patient-level splits (and what a test model learns from them) are the same on every
+    machine and every run."""
     name = "LUNGVIT_PATIENT_KEY_FILE"
     before = os.environ.get(name)
     if before is None:
-        os.environ[name] = str(tmp_path_factory.mktemp("patient-key") / "patient-key.secret")
+        path = tmp_path_factory.mktemp("patient-key") / "patient-key.secret"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write("6c756e677669742d74657374732d6f6e6c792d6e6f742d612d736563726574\n")
+        os.environ[name] = str(path)
     yield
     if before is None:
         os.environ.pop(name, None)

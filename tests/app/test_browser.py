@@ -92,7 +92,7 @@ def test_predict_and_explain_in_browser(page: object, phantom_dicom: Path, shots
 
     pg = page
     banner = pg.locator("#banner")
-    sync_api.expect(banner).to_contain_text("not for clinical use")
+    sync_api.expect(banner).to_contain_text("not a medical device")
     pg.locator("#scan-upload input[type=file]").set_input_files(str(phantom_dicom))
     prediction = pg.locator("#prediction")
     sync_api.expect(prediction.locator("h3")).to_be_visible()

@@ -59,19 +59,33 @@ def test_a_short_run_stores_a_detector_calibrated_on_validation(tmp_path: Path) 
     assert len(test) == summary["n_test"]
     assert np.mean(test) <= 0.34, np.mean(test)
 
-    # Things that are not phantom scans at all: test patterns. A 3-epoch model at 32 px
-    # does not place every pattern far out (which one depends on the drawn split), so at
-    # least three of four must be flagged, each with the distance in its reasons.
-    grid = np.indices((64, 64))
-    patterns = {"board8": grid.sum(0) // 8 % 2 * 255, "board4": grid.sum(0) // 4 % 2 * 255,
-                "stripes": grid[0] // 4 % 2 * 255,
-                "noise": np.random.default_rng(0).integers(0, 256, (64, 64))}
-    distances = {}
-    for name, pixels in patterns.items():
-        Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / f"{name}.png")
+    # Test patterns through the same path: a reason names the distance exactly when it is
+    # above the threshold. (How far out they land depends on this 3-epoch model's weights;
+    # that the detector separates them is checked on the bundled model below and, with
+    # controlled features, in tests/core/test_ood.py.)
+    for name, pixels in _patterns(64).items():
+        Image.fromarray(pixels).save(tmp_path / f"{name}.png")
         pred = predictor.predict(load_scan(tmp_path / f"{name}.png"))
-        distances[name] = pred.feature_distance
-        if pred.feature_distance > det.threshold:
-            assert any("feature distance" in r for r in pred.ood_reasons), name
-    far = [n for n, d in distances.items() if d > det.threshold]
-    assert len(far) >= 3, (distances, det.threshold)
+        above = pred.feature_distance > det.threshold
+        assert above == any("feature distance" in r for r in pred.ood_reasons), name
+
+
+def _patterns(side: int) -> dict[str, np.ndarray]:
+    grid = np.indices((side, side))
+    pats = {"board8": grid.sum(0) // 8 % 2 * 255, "board32": grid.sum(0) // 32 % 2 * 255,
+            "stripes": grid[0] // 8 % 2 * 255, "gradient": grid[1] * 255 // (side - 1),
+            "noise": np.random.default_rng(0).integers(0, 256, (side, side)),
+            "blank": np.zeros((side, side))}
+    return {k: v.astype(np.uint8) for k, v in pats.items()}
+
+
+def test_the_bundled_model_flags_test_patterns(tmp_path: Path) -> None:
+    predictor = Predictor.from_checkpoint()  # the shipped real-data model, fixed weights
+    det = predictor.info.ood_detector
+    assert det is not None
+    for name, pixels in _patterns(256).items():
+        Image.fromarray(pixels).save(tmp_path / f"{name}.png")
+        pred = predictor.predict(load_scan(tmp_path / f"{name}.png"))
+        assert pred.feature_distance > det.threshold, (name, pred.feature_distance)
+        assert pred.out_of_distribution and any("feature distance" in r
+                                                for r in pred.ood_reasons), name
