@@ -121,12 +121,12 @@ def score_files(model_path: str | Path, paths: list[str], labels: list[str]
 
 
 def _recall_by_source(paths: list[str], labels: list[str], sources: list[str], known: list[str],
-                      predicted: torch.Tensor) -> dict[str, dict[str, float]]:
+                      predicted: torch.Tensor) -> dict[str, dict[str, dict[str, float]]]:
     hits: dict[tuple[str, str], list[int]] = defaultdict(list)
     kept = [(y, s) for y, s in zip(labels, sources) if y in known]
     for (y, s), p in zip(kept, predicted.tolist()):
         hits[(y, s)].append(int(known[p] == y))
-    out: dict[str, dict[str, float]] = defaultdict(dict)
+    out: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
     for (y, s), h in sorted(hits.items()):
         out[y][s] = {"recall": sum(h) / len(h), "n": len(h)}
     return dict(out)
@@ -231,7 +231,8 @@ def cmd_loso(args: argparse.Namespace, argv: list[str]) -> int:
     results = []
     for k, holdout in folds:
         held = [i for i, s in enumerate(index.samples) if holdout.get(s.label) == s.source]
-        rest = [i for i in range(len(index.samples)) if i not in set(held)]
+        held_set = set(held)
+        rest = [i for i in range(len(index.samples)) if i not in held_set]
         sub = type(index)([index.samples[i] for i in rest], index.classes, [], {}, index.root)
         splits = split_index(sub, seed=0)
         manifest = {s: [rest[i] for i in v] for s, v in splits.items()}
