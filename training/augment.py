@@ -16,13 +16,15 @@ cannot be batched (blur width, resampling factor, JPEG quality) loop over the ba
 """
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass, fields, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
-from torchvision.io import decode_jpeg, encode_jpeg
 from torchvision.transforms.v2.functional import gaussian_blur
 
 # Geometric ops first (they fold into the affine), then intensity ops (applied in order).
@@ -214,6 +216,15 @@ def _borders(x: Tensor, cfg: AugmentConfig, gen: torch.Generator | None) -> Tens
     return torch.where(band[:, None], white.expand_as(x), x)
 
 
+def _jpeg_roundtrip(xi: Tensor, quality: int) -> Tensor:
+    """(1, H, W) in [0, 1] -> 8-bit JPEG at ``quality`` (Pillow) -> back, same device/dtype."""
+    raw = (xi[0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()  # (H, W)
+    buf = io.BytesIO()
+    Image.fromarray(raw).save(buf, format="JPEG", quality=quality)
+    back = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("L"), dtype=np.float32)
+    return torch.from_numpy(back / 255.0)[None].to(xi.device, xi.dtype)
+
+
 def _per_sample_ops(x: Tensor, cfg: AugmentConfig, gen: torch.Generator | None) -> Tensor:
     """Blur, down/up-sampling and JPEG re-compression: per-sample parameters, so a loop."""
     b, _, h, w = x.shape
@@ -236,8 +247,7 @@ def _per_sample_ops(x: Tensor, cfg: AugmentConfig, gen: torch.Generator | None) 
         if jpeg is not None and jpeg[i]:
             lo, hi = cfg.jpeg_quality
             q = int(round(lo + (hi - lo) * float(u[i, 2])))
-            raw = (xi.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-            xi = decode_jpeg(encode_jpeg(raw, quality=q)).to(x.device, x.dtype) / 255
+            xi = _jpeg_roundtrip(xi, q)
         out.append(xi)
     return torch.stack(out)
 
