@@ -59,6 +59,11 @@ class ServerPolicy:
     allow_phi: bool = False
     data_roots: tuple[Path, ...] = ()
 
+    @property
+    def phi_allowed(self) -> bool:
+        """Whether clients may ask to see patient identifiers (loopback, or ``--allow-phi``)."""
+        return not self.exposed or self.allow_phi
+
     def check_phi(self, requested: bool) -> None:
         """Refuse a request to show patient identifiers that this server may not grant.
 
@@ -66,7 +71,7 @@ class ServerPolicy:
             AccessRefused: identifiers were requested from an exposed server started
                 without ``--allow-phi``.
         """
-        if requested and self.exposed and not self.allow_phi:
+        if requested and not self.phi_allowed:
             raise AccessRefused("This server does not show patient identifiers: it is "
                                 "reachable from the network and was started without "
                                 "--allow-phi")

@@ -81,7 +81,9 @@ def build_predict_tab(ctx: AppContext, model_limit: int, model_state: gr.State
                                        info="Enter to apply")
                     width = gr.Number(label="Width", precision=1, min_width=100,
                                       info="Enter to apply")
-            show_phi = gr.Checkbox(False, label="Show patient identifiers (PHI)")
+            # Offered only where the server may grant it (the handler refuses it anyway).
+            show_phi = gr.Checkbox(False, label="Show patient identifiers (PHI)",
+                                   visible=ctx.policy.phi_allowed)
         with gr.Column(scale=2):
             with gr.Row():
                 viewer = gr.Image(label="What the model saw (after windowing)", type="numpy",

@@ -374,3 +374,24 @@ def test_session_quota_applies_to_each_browser_session(
     with pytest.raises(AppError, match="this session has already unpacked"):
         batch(first, zips[1])
     batch(Client(running_app[0], verbose=False), zips[2])  # another session has its own
+
+
+def test_identifier_checkbox_only_where_identifiers_may_be_shown(exposed_ctx: Any) -> None:
+    import dataclasses
+
+    import gradio as gr
+
+    from lungvit.app.ui import build_app
+
+    def checkbox_visible(ctx: Any) -> bool:
+        app = build_app(ctx)
+        boxes = [b for b in app.blocks.values() if isinstance(b, gr.Checkbox)
+                 and "patient identifiers" in (b.label or "")]
+        assert len(boxes) == 1
+        return bool(boxes[0].visible)
+
+    assert not checkbox_visible(exposed_ctx)
+    exposed_ctx.policy = dataclasses.replace(exposed_ctx.policy, allow_phi=True)
+    assert checkbox_visible(exposed_ctx)
+    exposed_ctx.policy = dataclasses.replace(exposed_ctx.policy, exposed=False, allow_phi=False)
+    assert checkbox_visible(exposed_ctx)
