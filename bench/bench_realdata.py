@@ -248,7 +248,7 @@ def cmd_loso(args: argparse.Namespace, argv: list[str]) -> int:
         labels = [index.samples[i].label for i in held]
         sources = [index.samples[i].source for i in held]
         _, predicted = score_files(result.checkpoint, paths, labels)
-        known = list(load_checkpoint(result.checkpoint)[1].labels)
+        known = list(read_checkpoint_info(result.checkpoint).labels)
         per = _recall_by_source(paths, labels, sources, known, predicted)
         confusions: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         for y, p in zip([y for y in labels if y in known], predicted.tolist()):

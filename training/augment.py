@@ -241,7 +241,7 @@ def _per_sample_ops(x: Tensor, cfg: AugmentConfig, gen: torch.Generator | None) 
             xi = F.interpolate(xi[None], size=small, mode="area")
             xi = F.interpolate(xi, size=(h, w), mode="bilinear", align_corners=False)[0]
         if blur is not None and blur[i]:
-            sigma = 0.3 + (cfg.blur_sigma - 0.3) * float(u[i, 1]) if cfg.blur_sigma > 0.3 else 0.3
+            sigma = 0.3 + max(0.0, cfg.blur_sigma - 0.3) * float(u[i, 1])
             k = 2 * math.ceil(2 * sigma) + 1
             xi = gaussian_blur(xi, kernel_size=[k, k], sigma=[sigma, sigma])
         if jpeg is not None and jpeg[i]:

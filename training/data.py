@@ -109,10 +109,8 @@ class DatasetIndex:
         return Path(os.path.relpath(path, self.root)).as_posix()
 
     def source_counts(self) -> dict[str, dict[str, int]]:
-        """Samples per class and source ({class: {source: n}}; unknown sources as "unknown")."""
-        counts = Counter((s.label, s.source or "unknown") for s in self.samples)
-        return {c: {src: n for (lab, src), n in sorted(counts.items()) if lab == c}
-                for c in self.classes}
+        """Samples per class and source (see :func:`count_sources`)."""
+        return count_sources(self.samples, self.classes)
 
     def class_counts(self) -> dict[str, int]:
         """Samples per class, in class order."""
@@ -135,6 +133,13 @@ class DatasetIndex:
         for row in sorted(rows):
             h.update(row.encode("utf-8", "surrogatepass"))
         return h.hexdigest()
+
+
+def count_sources(samples: Sequence[Sample], classes: Sequence[str]) -> dict[str, dict[str, int]]:
+    """{class: {source: n}} over ``samples``, in class order; unknown sources as "unknown"."""
+    counts = Counter((s.label, s.source or "unknown") for s in samples)
+    return {c: {src: n for (lab, src), n in sorted(counts.items()) if lab == c}
+            for c in classes}
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

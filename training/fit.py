@@ -21,7 +21,6 @@ import math
 import os
 import platform
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,7 +43,7 @@ from lungvit.training.augment import augment_config
 from lungvit.training.calibration import fit_temperature
 from lungvit.training.compare import compare_with_base
 from lungvit.training.config import TrainConfig, TrainConfigError
-from lungvit.training.data import DatasetError
+from lungvit.training.data import DatasetError, count_sources
 from lungvit.training.datamodule import ScanDataModule
 from lungvit.training.metrics import classification_report, scalar_metrics
 from lungvit.training.module import FreezeEarlyLayers, LungViTModule, class_weights_from_counts
@@ -303,9 +302,7 @@ def _train_sources(dm: ScanDataModule) -> dict[str, dict[str, int]]:
     train = [dm.samples[i] for i in dm.splits["train"]]
     if all(s.source is None for s in train):
         return {}
-    counts = Counter((s.label, s.source or "unknown") for s in train)
-    return {c: {src: n for (lab, src), n in sorted(counts.items()) if lab == c}
-            for c in dm.classes}
+    return count_sources(train, dm.classes)
 
 
 def _format_notes(cfg: TrainConfig, test: dict[str, Any]) -> str:

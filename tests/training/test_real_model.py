@@ -63,11 +63,15 @@ def test_it_scores_its_recorded_test_figures_on_the_real_test_split() -> None:
     rows = _test_rows()
     assert len(rows) == recorded["n"]
     predictor = Predictor.from_checkpoint(MODEL, batch_size=64)
-    torch.set_num_threads(2)
     labels = list(info.labels)
     hits: dict[str, list[bool]] = {c: [] for c in labels}
-    for path, label in rows:
-        hits[label].append(predictor.predict(load_scan(path)).label == label)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for path, label in rows:
+            hits[label].append(predictor.predict(load_scan(path)).label == label)
+    finally:
+        torch.set_num_threads(threads)
     recalls = [sum(h) / len(h) for h in hits.values() if h]
     macro = sum(recalls) / len(recalls)
     assert macro == pytest.approx(recorded["macro_recall"], abs=0.01)
