@@ -10,7 +10,9 @@ fine-tune never saw:
    ``--test-per-class`` for the job's own test split, drawn by patient (a patient's scans
    stay together) from the class's sources except the held-out one.
 2. ``--holdout CLASS=SOURCE`` (default ``lung-normal=meddef1``) keeps that source of that
-   class out of the fine-tune entirely.
+   class out of the fine-tune entirely; ``--holdout none`` keeps nothing out (the "new
+   hospital" case: a base that never saw a source, fine-tuned on scans that include it,
+   scored per source on that source's unseen scans).
 3. The fine-tune is ``lungvit.training.fit.fit`` from the base with the default transfer
    policy (``--transfer`` to force one; several, comma-separated, are run one after the
    other on the same split).
@@ -166,6 +168,30 @@ def _recalls(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{c} {r:.0%}" for c, r in metrics["recall"].items()) or "-"
 
 
+def recall_by_source(samples: Sequence[Sample], predicted: Sequence[str | None]
+                     ) -> dict[str, dict[str, tuple[float, int]]]:
+    """Recall per class and source, only for classes drawn from two or more sources.
+
+    Returns:
+        ``{class: {source: (recall, n)}}``; an unreadable scan (None) counts as wrong.
+    """
+    hits: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    for s, p in zip(samples, predicted):
+        cell = hits[s.label][s.source]
+        cell[0] += int(p == s.label)
+        cell[1] += 1
+    return {c: {src: (h / n, n) for src, (h, n) in sorted(by.items())}
+            for c, by in sorted(hits.items()) if len(by) >= 2}
+
+
+def _source_note(name: str, samples: Sequence[Sample], base: Sequence[str | None],
+                 tuned: Sequence[str | None]) -> list[str]:
+    b, t = recall_by_source(samples, base), recall_by_source(samples, tuned)
+    return [f"- Recall of {c} by source, {name}: " + "; ".join(
+        f"{src} (n={n}) base {r:.0%} -> fine-tuned {t[c][src][0]:.0%}"
+        for src, (r, n) in by.items()) + "." for c, by in b.items()]
+
+
 def table_rows(name: str, comparison: dict[str, Any]) -> list[str]:
     """Markdown rows: the compared scans, then the fine-tuned model on all of them."""
     b, t, d = comparison["base"], comparison["tuned"], comparison["delta"] or {}
@@ -185,7 +211,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> str:
     if base is None or not base.is_file():
         raise SystemExit(f"bench_finetune: no base model at {args.base or 'the bundled path'}")
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-    holdout = dict(h.split("=", 1) for h in args.holdout) if args.holdout else {}
+    holdout = dict(h.split("=", 1) for h in args.holdout if h != "none")
     index = discover(args.data, min_per_class=1)
     samples, excluded = index.samples, 0
     if args.base_split:
@@ -252,6 +278,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> str:
             notes.append(f"- Recall per class, {name}: base "
                          f"{_recalls(comparison['base'])}; fine-tuned "
                          f"{_recalls(comparison['tuned'])}.")
+            notes += _source_note(name, sets[key], base_pred[key], tuned)
         lines += ["", *notes, ""]
     return "\n".join(lines) + "\n"
 
@@ -267,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated classes of the fine-tuning set")
     p.add_argument("--holdout", action="append", metavar="CLASS=SOURCE",
                    default=None, help="keep this source of this class out of the fine-tune "
-                   "(repeatable; default lung-normal=meddef1)")
+                   "(repeatable; default lung-normal=meddef1; 'none' keeps nothing out)")
     p.add_argument("--base-split", metavar="CSV",
                    help="the base model's run split.csv: its train/val scans are not used")
     p.add_argument("--per-class", type=int, default=20, help="training scans per class (20)")
