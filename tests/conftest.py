@@ -1,10 +1,13 @@
-"""Fixtures of every test: nothing is written to the user's own data directory."""
+"""Fixtures of every test: nothing is written to the user's own data directory; a
+PostgreSQL server for the tests that need one."""
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
 
 import pytest
+
+from ._postgres import PostgresServer, unavailable_reason
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -24,3 +27,23 @@ def _patient_key_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
     yield
     if before is None:
         os.environ.pop(name, None)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server on 127.0.0.1 for the whole session (started on first use);
+    skips where PostgreSQL or its driver is not installed, saying which."""
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """The URL of a new, empty database on the session's PostgreSQL server."""
+    name = postgres_server.database()
+    yield postgres_server.url(name)
+    postgres_server.drop(name)

@@ -9,8 +9,11 @@ one waits in the busy handler instead. Reads use a plain (deferred) ``BEGIN`` an
 block writers. To control BEGIN ourselves, pysqlite's own transaction handling is turned off
 (``isolation_level = None``), as the SQLAlchemy SQLite dialect documentation describes.
 
-Other SQLAlchemy URLs (e.g. PostgreSQL) get none of the SQLite pragmas; write operations
-lock the rows they change with ``SELECT ... FOR UPDATE``.
+PostgreSQL (``postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB``, the psycopg 3 driver of
+the ``lungvit[postgres]`` extra) gets none of the SQLite pragmas; write operations lock the
+rows they change with ``SELECT ... FOR UPDATE``. No other backend is accepted: a URL that
+is not one of these two, a server that cannot be reached or that refuses the login is a
+:class:`StoreError` of one line that says what to fix.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, select, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from .errors import SchemaVersionError, StoreError
@@ -104,20 +107,85 @@ def _install_sqlite_hooks(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
+URL_FORMS = ("sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE")
+POSTGRES_EXTRA = "pip install 'lungvit[postgres]'"
+CONNECT_TIMEOUT_S = 10
+
+
+def shown(url: str | URL) -> str:
+    """``url`` with its password hidden (for messages)."""
+    return url.render_as_string(hide_password=True) if isinstance(url, URL) else str(url)
+
+
+def parse_store_url(url: str | URL) -> URL:
+    """Check that ``url`` names a store LungViT can use: a SQLite file (or memory) or a
+    PostgreSQL database through psycopg 3 (``postgresql://`` is taken to mean that).
+
+    Raises:
+        StoreError: a malformed URL, another backend or driver, or psycopg not installed.
+    """
+    if isinstance(url, URL):
+        u = url
+    else:
+        try:
+            u = make_url(url)
+        except (ArgumentError, ValueError) as exc:
+            raise StoreError(f"--db {url!r} is not a database URL ({exc}); use "
+                             f"{URL_FORMS}") from None
+    backend, _, driver = u.drivername.partition("+")
+    if backend == "sqlite" and driver in ("", "pysqlite"):
+        return u
+    if backend != "postgresql" or driver not in ("", "psycopg", "psycopg2"):
+        raise StoreError(f"--db {shown(u)!r}: the store runs on SQLite or PostgreSQL, not "
+                         f"{u.drivername}; use {URL_FORMS}")
+    if not driver:  # SQLAlchemy's own default would be psycopg2
+        u = u.set(drivername="postgresql+psycopg")
+    elif driver == "psycopg2":
+        raise StoreError(f"--db {shown(u)!r}: LungViT talks to PostgreSQL through psycopg 3; "
+                         "write postgresql+psycopg:// (or postgresql://)")
+    if not u.host or not u.database:
+        raise StoreError(f"--db {shown(u)!r} names no host or no database; use {URL_FORMS}")
+    try:
+        import psycopg  # noqa: F401 - the optional driver (lungvit[postgres])
+    except ImportError:
+        raise StoreError(f"a PostgreSQL store needs the psycopg driver, which is not "
+                         f"installed: {POSTGRES_EXTRA}") from None
+    return u
+
+
+def describe_connect_error(url: URL, exc: DBAPIError) -> str:
+    """One line that says why the store at ``url`` could not be opened and what to fix."""
+    detail = " ".join(str(exc.orig).split()) if exc.orig is not None else str(exc)
+    lowered = detail.lower()
+    where = f"PostgreSQL at {url.host}:{url.port or 5432}"
+    if "password authentication failed" in lowered or "no password supplied" in lowered:
+        return (f"{where} refused user {url.username!r} (wrong password or user): fix the "
+                f"user and password in --db {shown(url)}")
+    if f'database "{url.database}" does not exist' in detail:
+        return (f"{where} has no database {url.database!r}: create it (createdb "
+                f"{url.database}) or fix --db {shown(url)}")
+    if "no pg_hba.conf entry" in lowered or "not permitted" in lowered:
+        return f"{where} does not let user {url.username!r} in (pg_hba.conf): {detail[:200]}"
+    return (f"cannot reach {where} ({detail[:200]}): check that the server runs and the "
+            f"host and port of --db {shown(url)}")
+
+
 def create_store_engine(url: str | URL, *, create: bool = True) -> Engine:
     """An engine for ``url`` with the store's connection settings.
 
     Args:
-        url: any SQLAlchemy URL. SQLite file URLs get the pragmas described above, and the
-            file's folder is created when ``create`` is true.
+        url: a SQLite or PostgreSQL URL (:func:`parse_store_url`). SQLite file URLs get the
+            pragmas described above, and the file's folder is created when ``create`` is
+            true.
         create: when false, a SQLite file that does not exist is an error, not created.
 
     Returns:
         The engine; write sessions bind to ``engine.execution_options(lungvit_write=True)``.
     """
-    u = make_url(url)
+    u = parse_store_url(url)
     if u.get_backend_name() != "sqlite":
-        return create_engine(u, pool_pre_ping=True)
+        return create_engine(u, pool_pre_ping=True,
+                             connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
     path = _sqlite_file(u)
     if path is not None:
         if not path.exists():
@@ -139,7 +207,7 @@ class Database:
     """
 
     def __init__(self, url: str | URL, *, create: bool = True) -> None:
-        self.url = make_url(url)
+        self.url = parse_store_url(url)
         self._create = create
         self._lock = threading.Lock()
         self._pid: int | None = None

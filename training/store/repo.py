@@ -21,10 +21,12 @@ from typing import Any, ParamSpec, TypeVar
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from .engine import Database, is_locked_error, migrate
-from .errors import AttemptConflictError, InvalidTransitionError, JobNotFoundError
+from .engine import Database, describe_connect_error, is_locked_error, migrate
+from .errors import (AttemptConflictError, InvalidTransitionError, JobNotFoundError,
+                     StoreError)
 from .paths import default_db_url
 from .records import CheckpointRecord, EventRecord, JobRecord, snapshot
 from .schema import (EVENT_LEVELS, TERMINAL, TRANSITIONS, Base, Checkpoint, Event, Job,
@@ -511,14 +513,26 @@ def open_store(url: str | URL | None = None, *, create: bool = True) -> Store:
     """Open the tracking store and bring its schema up to date.
 
     Args:
-        url: a SQLAlchemy URL; default ``default_db_url()`` (a SQLite file in the user's
-            data directory).
+        url: ``sqlite:///PATH`` or ``postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB``;
+            default ``default_db_url()`` (a SQLite file in the user's data directory).
         create: create the database (and its folder) if missing; when false, a missing or
             empty database raises ``StoreError``.
 
     Returns:
         The store.
+
+    Raises:
+        StoreError: the URL is not one of those, or the database cannot be opened (one
+            line saying what to fix).
     """
     store = Store(default_db_url() if url is None else url, create=create)
-    migrate(store._db, create=create)
+    try:
+        migrate(store._db, create=create)
+    except OperationalError as exc:
+        store.close()
+        if store.url.get_backend_name() == "postgresql":
+            raise StoreError(describe_connect_error(store.url, exc)) from None
+        detail = " ".join(str(exc.orig).split())
+        raise StoreError(f"cannot open the SQLite store {store.url.database} ({detail}): "
+                         "fix the path in --db") from None
     return store

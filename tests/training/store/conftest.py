@@ -1,4 +1,6 @@
-"""Fixtures of the store tests: a fresh SQLite URL, and child processes started together."""
+"""Fixtures of the store tests: a fresh database on each backend (a SQLite file, and a
+database of its own on a real PostgreSQL server), raw SQL on it, and child processes
+started together."""
 from __future__ import annotations
 
 import json
@@ -6,17 +8,45 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
 
 from lungvit.training.store import Store, open_store
 
 WORKER = Path(__file__).with_name("_store_worker.py")
+BACKENDS = ("sqlite", "postgresql")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
 
 
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'lungvit.db'}"
+def db_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """A URL of a new, empty store database on ``backend``."""
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'lungvit.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+def sql(url: str, statement: str, params: dict[str, Any] | None = None) -> list[tuple]:
+    """Run one statement on the database of ``url`` outside the store (its own connection,
+    committed at once); returns the rows it selected."""
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.begin() as conn:
+            result = conn.execute(text(statement), params or {})
+            return [tuple(r) for r in result] if result.returns_rows else []
+    finally:
+        engine.dispose()
+
+
+def scalar(url: str, statement: str, params: dict[str, Any] | None = None) -> Any:
+    return sql(url, statement, params)[0][0]
 
 
 @pytest.fixture

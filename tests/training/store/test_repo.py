@@ -1,9 +1,9 @@
-"""The store's operations, each checked against what is in the SQLite file afterwards."""
+"""The store's operations, each checked against what is in the database afterwards (on
+SQLite and on PostgreSQL)."""
 from __future__ import annotations
 
 import math
 import pickle
-import sqlite3
 from dataclasses import FrozenInstanceError
 from datetime import timedelta
 
@@ -15,10 +15,11 @@ from lungvit.training.store import (TERMINAL, TRANSITIONS, AttemptConflictError,
                                     open_store)
 from lungvit.training.store.schema import utcnow
 
+from .conftest import scalar, sql
 
-def _count(db_url: str, sql: str, *params: object) -> int:
-    with sqlite3.connect(db_url.removeprefix("sqlite:///")) as con:
-        return con.execute(sql, params).fetchone()[0]
+
+def _count(db_url: str, statement: str) -> int:
+    return scalar(db_url, statement)
 
 
 def _running(store: Store, **config: object) -> int:
@@ -122,7 +123,8 @@ def test_resume_after_interruption_counts_attempts(store: Store) -> None:
     assert store.start_attempt(job_id, resolved_config={}) == 2
     store.record_metrics(job_id, 1, {"loss": 0.5})
     store.set_status(job_id, "succeeded")
-    assert _count(store.url.render_as_string(), "SELECT attempt FROM metrics WHERE step = 1") == 2
+    assert _count(store.url.render_as_string(hide_password=False),
+                  "SELECT attempt FROM metrics WHERE step = 1") == 2
     with pytest.raises(InvalidTransitionError):
         store.start_attempt(job_id, resolved_config={})  # succeeded is terminal
 
@@ -186,11 +188,13 @@ def test_heartbeat_of_a_process_that_no_longer_runs_the_job(store: Store) -> Non
     assert store.heartbeat(job_id, pid=20, hostname="h") is True
 
 
-def test_stale_heartbeat_marks_the_job_interrupted(store: Store, db_url: str) -> None:
+def test_stale_heartbeat_marks_the_job_interrupted(store: Store, db_url: str,
+                                                   backend: str) -> None:
     stale, fresh, queued = _running(store), _running(store), store.create_job({})
-    old = (utcnow() - timedelta(seconds=120)).strftime("%Y-%m-%d %H:%M:%S.%f")
-    with sqlite3.connect(db_url.removeprefix("sqlite:///")) as con:
-        con.execute("UPDATE jobs SET heartbeat_at = ? WHERE id = ?", (old, stale))
+    old = utcnow() - timedelta(seconds=120)
+    sql(db_url, "UPDATE jobs SET heartbeat_at = :old WHERE id = :id",
+        {"old": old.strftime("%Y-%m-%d %H:%M:%S.%f") if backend == "sqlite" else old,
+         "id": stale})
     assert store.mark_stale_interrupted(stale_after_s=60) == [stale]
     assert store.get_job(stale).status is JobStatus.INTERRUPTED
     assert store.get_job(fresh).status is JobStatus.RUNNING
@@ -239,9 +243,8 @@ def test_metric_upsert_keeps_one_row_with_the_last_value(store: Store, db_url: s
     store.record_metrics(job_id, 3, {"val/loss": 0.9, "val/acc": 0.5}, epoch=0)
     store.record_metrics(job_id, 3, {"val/loss": 0.7}, epoch=1)  # a retried epoch
     assert _count(db_url, "SELECT count(*) FROM metrics") == 2
-    with sqlite3.connect(db_url.removeprefix("sqlite:///")) as con:
-        assert con.execute("SELECT value, epoch FROM metrics WHERE name = 'val/loss'"
-                           ).fetchall() == [(0.7, 1)]
+    assert sql(db_url, "SELECT value, epoch FROM metrics WHERE name = 'val/loss'") == [
+        (0.7, 1)]
     assert store.metrics(job_id) == {"val/acc": [(3, 0.5)], "val/loss": [(3, 0.7)]}
 
 
@@ -356,4 +359,7 @@ def test_snapshots_are_detached_from_the_database(store: Store, db_url: str) -> 
     job = store.get_job(job_id)
     job.request_config["a"].append(3)
     assert store.get_job(job_id).request_config == {"a": [1, 2]}
-    assert repr(open_store(db_url)).startswith("Store('sqlite:///")
+    shown = repr(open_store(db_url))
+    assert shown.startswith(f"Store('{db_url.split(':', 1)[0]}:")
+    if "@" in db_url:  # the password never shows
+        assert ":***@" in shown and db_url.split(":")[2].split("@")[0] not in shown

@@ -1,4 +1,5 @@
-"""Schema creation, versioning, migrations and the SQLite connection settings."""
+"""Schema creation, versioning and migrations (on SQLite and on PostgreSQL), and each
+backend's connection settings."""
 from __future__ import annotations
 
 import sqlite3
@@ -6,13 +7,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.pool import NullPool
 
 from lungvit.training.store import (LATEST_VERSION, SchemaVersionError, StoreError,
                                     default_db_path, default_db_url, open_store)
 from lungvit.training.store.engine import MIGRATIONS, _enable_wal
 
+from .conftest import sql
+
 TABLES = {"schema_version", "jobs", "metrics", "checkpoints", "events"}
+SQLITE_ONLY = pytest.mark.parametrize("backend", ["sqlite"])
+POSTGRESQL_ONLY = pytest.mark.parametrize("backend", ["postgresql"])
 
 
 def _file(url: str) -> str:
@@ -20,18 +26,23 @@ def _file(url: str) -> str:
 
 
 def _version_rows(url: str) -> list[tuple]:
-    with sqlite3.connect(_file(url)) as con:
-        return con.execute("SELECT id, version, updated_at FROM schema_version").fetchall()
+    return sql(url, "SELECT id, version, updated_at FROM schema_version")
 
 
 def _tables(url: str) -> set[str]:
-    with sqlite3.connect(_file(url)) as con:
-        rows = con.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
-    return {r[0] for r in rows if not r[0].startswith("sqlite_")}
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            return set(inspect(conn).get_table_names())
+    finally:
+        engine.dispose()
 
 
-def test_fresh_database_gets_every_table_and_the_latest_version(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'sub' / 'dir' / 'lungvit.db'}"  # folders created too
+def test_fresh_database_gets_every_table_and_the_latest_version(db_url: str, backend: str,
+                                                                tmp_path: Path) -> None:
+    url = db_url
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'sub' / 'dir' / 'lungvit.db'}"  # folders created too
     open_store(url).close()
     assert _tables(url) == TABLES
     rows = _version_rows(url)
@@ -51,8 +62,11 @@ def test_reopening_is_a_no_op(db_url: str) -> None:
         event.remove(Engine, "before_cursor_execute", record)
     assert _version_rows(db_url) == before
     assert statements and "BEGIN IMMEDIATE" not in statements  # read the version, no more
+    assert not [s for s in statements if s.split()[0].upper() in ("CREATE", "INSERT", "UPDATE")
+                or "pg_advisory" in s]
 
 
+@SQLITE_ONLY
 def test_connection_settings(store) -> None:
     with store.engine.connect() as conn:
         pragma = lambda name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()  # noqa: E731
@@ -80,6 +94,36 @@ def test_wal_switch_is_retried_when_sqlite_skips_the_busy_handler() -> None:
     assert _enable_wal(Cursor()) == "wal" and Cursor.calls == 3
 
 
+@POSTGRESQL_ONLY
+def test_postgresql_connection_settings(store, db_url: str) -> None:
+    """psycopg 3 underneath, a connect timeout (an unreachable server is an error, not a
+    hang), and connections checked before use (a restarted server is survived)."""
+    assert store.engine.dialect.driver == "psycopg"
+    assert store.engine.pool._pre_ping  # noqa: SLF001
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW server_version_num").scalar() >= "100000"
+        assert conn.connection.dbapi_connection.info.get_parameters()["connect_timeout"] == "10"
+    # "postgresql://" (SQLAlchemy would take psycopg2) means psycopg 3 here.
+    plain = open_store(db_url.replace("postgresql+psycopg://", "postgresql://"))
+    assert plain.engine.dialect.driver == "psycopg"
+    plain.close()
+
+
+@POSTGRESQL_ONLY
+def test_migrating_postgresql_takes_the_advisory_lock(db_url: str) -> None:
+    statements: list[str] = []
+    record = lambda conn, cur, stmt, *a: statements.append(stmt)  # noqa: E731
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        open_store(db_url).close()
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+    lock = next(i for i, s in enumerate(statements) if "pg_advisory_xact_lock" in s)
+    create = next(i for i, s in enumerate(statements) if s.lstrip().startswith("CREATE TABLE"))
+    assert lock < create
+
+
+@SQLITE_ONLY
 def test_writes_begin_immediate_and_reads_deferred(store) -> None:
     job = store.create_job({})
     seen: list[str] = []
@@ -94,16 +138,24 @@ def test_writes_begin_immediate_and_reads_deferred(store) -> None:
     assert seen[0] == "BEGIN"
 
 
-def test_a_reader_does_not_block_a_writer(store, db_url: str) -> None:
-    """WAL: an open read transaction elsewhere does not stop a write from committing."""
+def test_a_reader_does_not_block_a_writer(store, db_url: str, backend: str) -> None:
+    """WAL (MVCC on PostgreSQL): an open read transaction elsewhere does not stop a write
+    from committing."""
     job = store.create_job({})
-    con = sqlite3.connect(_file(db_url), isolation_level=None)
-    con.execute("BEGIN")
-    assert con.execute("SELECT count(*) FROM events").fetchone()[0] == 1
+    if backend == "sqlite":
+        con = sqlite3.connect(_file(db_url), isolation_level=None)
+    else:
+        import psycopg
+        url = store.url
+        con = psycopg.connect(host=url.host, port=url.port, user=url.username,
+                              password=url.password, dbname=url.database, autocommit=True)
+    run = lambda q: con.execute(q).fetchone()[0]  # noqa: E731
+    con.execute("BEGIN" if backend == "sqlite" else "BEGIN ISOLATION LEVEL REPEATABLE READ")
+    assert run("SELECT count(*) FROM events") == 1
     store.add_event(job, "while someone reads")
-    assert con.execute("SELECT count(*) FROM events").fetchone()[0] == 1  # its snapshot
+    assert run("SELECT count(*) FROM events") == 1  # its snapshot
     con.execute("COMMIT")
-    assert con.execute("SELECT count(*) FROM events").fetchone()[0] == 2
+    assert run("SELECT count(*) FROM events") == 2
     con.close()
 
 
@@ -120,24 +172,23 @@ def test_missing_database_is_not_created_without_create(tmp_path: Path) -> None:
     assert not path.exists()
 
 
-def test_empty_database_is_not_initialised_without_create(tmp_path: Path) -> None:
-    path = tmp_path / "empty.db"
-    path.touch()
+def test_empty_database_is_not_initialised_without_create(db_url: str, backend: str) -> None:
+    if backend == "sqlite":
+        Path(_file(db_url)).touch()
     with pytest.raises(StoreError, match="no LungViT store"):
-        open_store(f"sqlite:///{path}", create=False)
+        open_store(db_url, create=False)
+    assert _tables(db_url) == set()
 
 
 def test_newer_schema_is_refused(db_url: str) -> None:
     open_store(db_url).close()
-    with sqlite3.connect(_file(db_url)) as con:
-        con.execute("UPDATE schema_version SET version = ?", (LATEST_VERSION + 1,))
+    sql(db_url, "UPDATE schema_version SET version = :v", {"v": LATEST_VERSION + 1})
     with pytest.raises(SchemaVersionError, match="upgrade lungvit"):
         open_store(db_url)
 
 
 def test_foreign_database_with_our_table_names_is_refused(db_url: str) -> None:
-    with sqlite3.connect(_file(db_url)) as con:
-        con.execute("CREATE TABLE jobs (x TEXT)")
+    sql(db_url, "CREATE TABLE jobs (x TEXT)")
     with pytest.raises(SchemaVersionError, match="not a LungViT store"):
         open_store(db_url)
 
@@ -155,13 +206,7 @@ def test_an_older_schema_is_upgraded(db_url: str, monkeypatch: pytest.MonkeyPatc
     assert _version_rows(db_url)[0][1] == LATEST_VERSION + 1
 
 
-@pytest.mark.parametrize("existing", [False, True], ids=["no-file", "zero-byte-file"])
-def test_five_processes_create_the_schema_at_once(tmp_path: Path, workers,
-                                                  existing: bool) -> None:
-    path = tmp_path / "race.db"
-    if existing:
-        path.touch()
-    url = f"sqlite:///{path}"
+def _race_to_create(url: str, workers) -> None:
     procs = [workers.start("migrate", url) for _ in range(5)]
     workers.go_when_ready()
     results = [workers.result(p) for p in procs]
@@ -169,8 +214,24 @@ def test_five_processes_create_the_schema_at_once(tmp_path: Path, workers,
     assert all(r["lock_retries"] == 0 for r in results), results
     assert _tables(url) == TABLES
     assert [r[:2] for r in _version_rows(url)] == [(1, LATEST_VERSION)]
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("existing", [False, True], ids=["no-file", "zero-byte-file"])
+def test_five_processes_create_the_schema_at_once(tmp_path: Path, workers, backend: str,
+                                                  existing: bool) -> None:
+    path = tmp_path / "race.db"
+    if existing:
+        path.touch()
+    _race_to_create(f"sqlite:///{path}", workers)
     with sqlite3.connect(path) as con:
         assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+@POSTGRESQL_ONLY
+def test_five_processes_create_the_schema_of_an_empty_postgresql_database_at_once(
+        db_url: str, workers) -> None:
+    _race_to_create(db_url, workers)
 
 
 def test_default_location_follows_the_environment(tmp_path: Path,
