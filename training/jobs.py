@@ -479,9 +479,21 @@ def request_from_cli(cfg: TrainConfig, opts: argparse.Namespace) -> JobRequest:
 
 
 def run_cli_job(cfg: TrainConfig, opts: argparse.Namespace) -> int:
-    """``lungvit train`` on Ray: queue a job in the store and run it here."""
+    """``lungvit train`` on Ray: queue a job in the store and run it here.
+
+    A wrong ``--db`` URL or a Ray cluster that does not answer (or refuses the token) is an
+    error before anything is written to the store.
+    """
+    from lungvit.training.ray_launcher import check_address
+    from lungvit.training.store.engine import parse_store_url
+
     url = _url(opts.db)
-    job_id = create_job(request_from_cli(cfg, opts), db_url=url)
+    request = request_from_cli(cfg, opts)
+    parse_store_url(url)
+    address = opts.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_address(address)
+    job_id = create_job(request, db_url=url)
     where = f" --db {opts.db}" if opts.db else ""
     print(f"job {job_id}: `lungvit runs show {job_id}{where}` shows it in detail"
           + ("" if opts.verbose else " (`lungvit -v train ...` also shows the workers' output)"),

@@ -68,6 +68,10 @@ class RayTrainingError(LungViTError):
     """The Ray Train run failed (a worker error after the allowed retries, or Ray itself)."""
 
 
+class RayAddressError(LungViTError):
+    """The Ray cluster at ``--ray-address`` / ``RAY_ADDRESS`` does not answer or refuses us."""
+
+
 @dataclass(frozen=True)
 class ClusterOptions:
     """Which Ray cluster a job uses.
@@ -143,6 +147,69 @@ def _host_of(address: str) -> str:
 
 
 @contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Send this process's file descriptor 2 to /dev/null for the block (C++ logging)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def check_address(address: str, timeout_s: float = 10.0) -> None:
+    """Check that a Ray cluster answers at ``address`` and accepts this process's token.
+
+    ``ray.init`` retries a cluster that does not answer (or refuses the token) for minutes;
+    this asks the cluster's control store (GCS) for a key once, which a cluster with token
+    authentication refuses at once without its token. ``auto`` and ``ray://`` addresses
+    are left to Ray (the second only has its port checked).
+
+    Raises:
+        RayAddressError: one line saying what is wrong and what to fix.
+    """
+    address = address.strip()
+    if address in ("auto", "local"):
+        return
+    client = address.startswith("ray://")
+    netloc = address.removeprefix("ray://").split("/", 1)[0]
+    host, _, port = netloc.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or "://" in netloc:
+        raise RayAddressError(f"--ray-address {address!r} is not HOST:PORT (the head node's "
+                              "GCS address, e.g. 127.0.0.1:6379, printed by `ray start "
+                              "--head`)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise RayAddressError(f"no Ray cluster answers at {netloc} ({exc.strerror or exc}): "
+                              "start it (`ray start --head`) or fix --ray-address / "
+                              "RAY_ADDRESS") from None
+    if client:
+        return
+    from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError
+
+    try:
+        with _quiet_stderr():  # Ray's C++ client logs its refusal there too
+            client_ = GcsClient(address=netloc)
+            client_.internal_kv_get(b"lungvit-probe", None, timeout=timeout_s)
+            del client_
+    except AuthenticationError:
+        raise RayAddressError(f"the Ray cluster at {netloc} refused this process's token: "
+                              "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or "
+                              "RAY_AUTH_TOKEN_PATH) to the cluster's token") from None
+    except Exception as exc:  # a timeout, or another service on that port
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise RayAddressError(f"no Ray cluster answers at {netloc} ({first}): check "
+                              "--ray-address / RAY_ADDRESS") from None
+
+
+@contextmanager
 def connect(opts: ClusterOptions) -> Iterator[Cluster]:
     """Connect this process to Ray for the duration of the block, then disconnect.
 
@@ -151,6 +218,7 @@ def connect(opts: ClusterOptions) -> Iterator[Cluster]:
     Raises:
         RaySecurityError: a local cluster would be unsafe, or did not come up loopback-only
             with token authentication.
+        RayAddressError: the given cluster does not answer or refuses this process's token.
     """
     address = opts.resolved_address()
     local = address is None
@@ -172,6 +240,7 @@ def connect(opts: ClusterOptions) -> Iterator[Cluster]:
                        _node_ip_address="127.0.0.1", log_to_driver=opts.log_to_driver,
                        configure_logging=False)
     else:
+        check_address(address)
         ctx = ray.init(address=address, log_to_driver=opts.log_to_driver,
                        configure_logging=False)
     try:
@@ -380,6 +449,10 @@ def _train_worker(config: dict[str, Any]) -> None:
     spec: TrainSpec = config["spec"]
     rank = ray.train.get_context().get_world_rank()
     cfg = TrainConfig.from_dict(dict(spec.train_config))
+    with open_store(spec.db_url) as store:  # where each rank runs, for `lungvit runs show`
+        store.add_event(spec.job_id, f"worker rank {rank} on node "
+                                     f"{ray.get_runtime_context().get_node_id()} "
+                                     f"({ray.util.get_node_ip_address()}, pid {os.getpid()})")
     store_cb = StoreCallback(spec.db_url, spec.job_id,
                              every_n_steps=spec.metrics_every_n_steps) if rank == 0 else None
     if store_cb is not None and _is_restart(Path(cfg.run_dir), spec.launch_id):

@@ -166,8 +166,10 @@ def describe_connect_error(url: URL, exc: DBAPIError) -> str:
                 f"{url.database}) or fix --db {shown(url)}")
     if "no pg_hba.conf entry" in lowered or "not permitted" in lowered:
         return f"{where} does not let user {url.username!r} in (pg_hba.conf): {detail[:200]}"
-    return (f"cannot reach {where} ({detail[:200]}): check that the server runs and the "
-            f"host and port of --db {shown(url)}")
+    why = next((w for w in ("connection refused", "timeout expired", "could not translate "
+                            "host name", "no route to host") if w in lowered), detail[:200])
+    return (f"cannot reach {where} ({why}): check that the server runs and the host and "
+            f"port of --db {shown(url)}")
 
 
 def create_store_engine(url: str | URL, *, create: bool = True) -> Engine:
@@ -192,7 +194,11 @@ def create_store_engine(url: str | URL, *, create: bool = True) -> Engine:
             if not create:
                 raise StoreError(f"no LungViT database at {path}; run a fine-tune first or "
                                  "pass the right --db")
-            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create the SQLite store's folder {path.parent} "
+                                 f"({exc.strerror}): fix the path in --db") from None
     engine = create_engine(u)
     _install_sqlite_hooks(engine)
     return engine
