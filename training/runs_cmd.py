@@ -17,8 +17,9 @@ from lungvit.core.commands import positive_int
 EXIT_OK = 0
 EVENTS_SHOWN = 15
 
-DB_HELP = ("tracking store: a SQLAlchemy URL (default: lungvit.db in the LungViT data "
-           "directory, $LUNGVIT_HOME or ~/.local/share/lungvit)")
+DB_HELP = ("tracking store: sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB "
+           "(default: lungvit.db in the LungViT data directory, $LUNGVIT_HOME or "
+           "~/.local/share/lungvit)")
 
 
 JOB_OPTIONS = ("workers", "gpu", "cpus_per_worker", "ray_address", "max_failures", "db",

@@ -2,9 +2,11 @@
 
 The single source of truth the training job writes and the app reads. By default a SQLite
 file in the user's data directory (``$LUNGVIT_HOME``, else ``$XDG_DATA_HOME/lungvit``, else
-``~/.local/share/lungvit``); any SQLAlchemy URL works. Several processes may write at once.
+``~/.local/share/lungvit``), or a PostgreSQL database
+(``postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB``, ``pip install 'lungvit[postgres]'``);
+no other backend is accepted. Several processes may write at once.
 
-    store = open_store()                      # or open_store("postgresql://...")
+    store = open_store()                      # or open_store("postgresql+psycopg://...")
     job = store.create_job({"data_dir": "...", "epochs": 12})
     attempt = store.start_attempt(job, resolved_config=cfg, hardware=hw)
     store.record_metrics(job, step, {"train/loss": 0.41}, epoch=0)
