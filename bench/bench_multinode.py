@@ -107,8 +107,10 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace, command: st
     for name, ips, train_s, wall, nodes, lo, hi in rows:
         lines.append(f"| {name} | {ips:.1f} | {train_s:.1f} | {wall:.1f} | "
                      f"{'/'.join(map(str, nodes))} | {lo:.2f} .. {hi:.2f} |")
-    lines += ["", f"Two nodes / one node: **{two / one:.2f}x** training throughput."]
-    return "\n".join(lines) + "\n"
+    lines += ["", f"Two nodes / one node: **{two / one:.2f}x** training throughput.", "",
+              "Every run:", "", "```"]
+    lines += [json.dumps({"layout": name, **r}) for name, runs in results.items() for r in runs]
+    return "\n".join([*lines, "```"]) + "\n"
 
 
 def main() -> int:
