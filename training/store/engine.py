@@ -317,8 +317,14 @@ def migrate(db: Database, *, create: bool = True) -> int:
     Returns:
         The schema version after the call (always ``LATEST_VERSION``).
     """
+    # One snapshot for the whole check. Under PostgreSQL's READ COMMITTED each statement sees
+    # what was committed before it, so another process's migration committing between
+    # "is there a schema_version table?" and "are there tables of ours?" would look like a
+    # foreign database. (SQLite's read transaction is a snapshot already.)
+    options = ({"isolation_level": "REPEATABLE READ"}
+               if db.url.get_backend_name() == "postgresql" else {})
     with db.read() as s:
-        version = _current_version(s.connection())
+        version = _current_version(s.connection(execution_options=options))
     _check_not_newer(version, db.url)
     if version == LATEST_VERSION:
         return version
