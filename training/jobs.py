@@ -403,7 +403,7 @@ def _run(store: Store, job_id: int, request: JobRequest, url: str, heartbeat_s: 
         max_failures=request.max_failures, keep_best_k=cfg.keep_best_k,
         storage_path=str(Path(cfg.run_dir) / "ray"), name=f"job-{job_id}",
         launch_id=uuid.uuid4().hex, metrics_every_n_steps=request.metrics_every_n_steps,
-        mlflow_uri=request.mlflow_uri, resume_from=_latest_resumable(store, job_id),
+        mlflow_uri=request.mlflow_uri, resume_from=latest_resumable(store, job_id),
         fault=request.fault_injection, owner_pid=os.getpid(),
         owner_host=socket.gethostname())
     opts = ray_launcher.ClusterOptions(address=request.ray_address,
@@ -435,7 +435,7 @@ def _run(store: Store, job_id: int, request: JobRequest, url: str, heartbeat_s: 
     return _finish(store, job_id, watcher, error)
 
 
-def _latest_resumable(store: Store, job_id: int) -> str | None:
+def latest_resumable(store: Store, job_id: int) -> str | None:
     """The newest intact resumable checkpoint the store knows of (a resumed job's start)."""
     from lungvit.training.data import file_sha256
 

@@ -484,14 +484,23 @@ def _train_worker(config: dict[str, Any]) -> None:
 
 @contextmanager
 def _resume_point(spec: TrainSpec) -> Iterator[str | None]:
-    """The Lightning checkpoint to continue from, if any: the newer of the one Ray hands
-    back (after it restarted the workers, or for a run started again under its name) and
-    ``spec.resume_from`` (the newest one the store knows when the job was resumed)."""
+    """The Lightning checkpoint to continue from, if any: the newest of the one Ray hands
+    back (after it restarted the workers, or for a run started again under its name),
+    ``spec.resume_from`` (the newest one the store knew when the job was resumed) and the
+    newest intact one the store knows now. The last matters when a node dies just after a
+    checkpoint was saved and recorded but before Ray's controller registered it: Ray would
+    hand back the one before, and the steps between would be trained twice."""
+    from lungvit.training.jobs import latest_resumable
+
     checkpoint = ray.train.get_checkpoint()
     ray_step = _step_of(Path(checkpoint.path).name) if checkpoint is not None else -1
-    given_step = _step_of(Path(spec.resume_from).parent.name) if spec.resume_from else -1
-    if spec.resume_from and given_step > ray_step:
-        yield spec.resume_from
+    with open_store(spec.db_url) as store:
+        stored = latest_resumable(store, spec.job_id)
+    given = max((p for p in (spec.resume_from, stored) if p),
+                key=lambda p: _step_of(Path(p).parent.name), default=None)
+    given_step = _step_of(Path(given).parent.name) if given else -1
+    if given and given_step > ray_step:
+        yield given
     elif checkpoint is not None:
         with checkpoint.as_directory() as folder:
             yield str(Path(folder) / CHECKPOINT_FILE)
