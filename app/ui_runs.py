@@ -41,8 +41,10 @@ def build_runs_tab(ctx: AppContext) -> list[gr.components.Component]:
     refresh.click(partial(t.list_runs, ctx), None, [runs, run, a, b], api_name="list_runs")
     run.change(partial(t.run_details, ctx), run,
                [curves, cm, per_class, config, card, compared], api_name="run_details")
-    compare.click(partial(t.compare_runs, ctx), [a, b], table, api_name="compare_runs")
-    resume.click(partial(t.resume_run, ctx), run, resumed, api_name="resume_run")
+    compare.click(partial(t.compare_runs, ctx), [a, b], table, api_name="compare_runs",
+                  api_visibility="undocumented")
+    resume.click(partial(t.resume_run, ctx), run, resumed, api_name="resume_run",
+                 api_visibility="undocumented")
     return [runs, run, a, b]
 
 
