@@ -326,3 +326,26 @@ def test_finetune_to_completion_and_use(client: Client, tmp_path: Path,
     assert "model.safetensors" in banner and "3 classes" in banner
     with open_store(running_app[1].paths.db_url) as store:  # type: ignore[attr-defined]
         assert any(c.promoted for c in store.checkpoints(job_id))
+
+
+def test_the_readme_example_runs_as_written(running_app: tuple[str, object],
+                                            scans: dict[str, Path], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's gradio_client example, run verbatim against the app (its URL and
+    file name swapped for the test's)."""
+    import re
+    import shutil
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"### The API.*?```python\n(.*?)```", readme, re.S).group(1)
+    assert 'api_name="/predict"' in code and 'api_name="/explain"' in code
+    shutil.copy(scans["dicom"], tmp_path / "chest.dcm")
+    monkeypatch.chdir(tmp_path)
+    code = code.replace("http://127.0.0.1:7860/", running_app[0])
+    printed: list[str] = []
+    namespace = {"print": lambda *a: printed.append(" ".join(map(str, a)))}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+    labels = running_app[1].holder.get().labels  # type: ignore[attr-defined]
+    assert namespace["probs"]["label"] in labels
+    assert len(namespace["overlays"]) == 2 and len(namespace["faithfulness"]["data"]) == 2
+    assert any("than random;" in line for line in printed)
