@@ -32,7 +32,7 @@ def build_finetune_tab(ctx: AppContext, model_state: gr.State,
         folder = gr.Textbox(label="Dataset folder on this computer", placeholder=data_dir_hint
                             or "/path/to/dataset", scale=3, elem_id="dataset-folder")
         archive = gr.File(label="...or upload a zip", file_types=[".zip"], type="filepath",
-                          scale=2, height=90)
+                          scale=2)
         check = gr.Button("Check dataset", scale=1)
     summary = gr.Markdown(elem_id="dataset-summary")
     counts = gr.Dataframe(headers=["class", "images", "train", "validation", "test", "note"],

@@ -72,7 +72,7 @@ def build_predict_tab(ctx: AppContext, model_limit: int, model_state: gr.State
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=280):
             files = gr.File(label="Scans: DICOM, PNG, JPEG, or a zip of them",
-                            file_count="multiple", type="filepath", height=140,
+                            file_count="multiple", type="filepath",
                             elem_id="scan-upload")
             run = gr.Button("Predict", variant="primary", elem_id="predict-button")
             selected = gr.Dropdown(label="Scan shown", choices=[], allow_custom_value=True,

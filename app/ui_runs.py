@@ -73,7 +73,7 @@ def build_model_tab(ctx: AppContext) -> ModelTab:
     with gr.Accordion("Load another model", open=True):
         upload = gr.File(label="A LungViT checkpoint (.safetensors) or a reference-design "
                                "state dict (.pth)", file_types=[".safetensors", ".pth", ".pt"],
-                         type="filepath", height=90)
+                         type="filepath")
         reference = gr.Checkbox(False, label="It is a reference-design .pth (import it)")
         labels = gr.Textbox(label="Class names in head order, comma separated (import only; "
                                   "blank: the nine standard classes)")
