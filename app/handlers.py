@@ -1,5 +1,8 @@
 """Thin handlers of the Predict & explain tab: read scans, predict, explain, report.
 
+Scans are decoded once per upload and window (:class:`~lungvit.app.scans.ScanCache`), and
+what is shown is drawn at display size; full-resolution files are made on request.
+
 Torch and the model load on first use (imports inside the functions), so the app
 starts serving its page in seconds.
 """
@@ -19,7 +22,7 @@ import numpy as np
 
 from lungvit.app.state import AppContext
 from lungvit.app.uploads import display_name, expand_uploads
-from lungvit.app.windows import load_windowed, numbers_of, presets_for
+from lungvit.app.windows import Windowed, load_windowed, numbers_of, presets_for
 from lungvit.core.errors import LungViTError
 
 log = logging.getLogger(__name__)
@@ -31,6 +34,7 @@ METHOD_LABELS = {"Attention rollout": "rollout", "Gradient rollout": "grad_rollo
                  "SmoothGrad": "smoothgrad", "Occlusion": "occlusion", "Grad-CAM": "gradcam"}
 METHOD_NAMES = {key: name for name, key in METHOD_LABELS.items()}
 PREDICTED = "Predicted class"
+DISPLAY_MAX = 1024  # longest side of the scan and overlays as shown (downloads: full size)
 TABLE_HEADERS = ["file", "prediction", "confidence", "uncertain", "out of scope", "notes"]
 
 
@@ -80,7 +84,7 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
     return (np.clip(pixels, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def save_png(path: Path, image: np.ndarray, **text: str) -> str:
+def save_png(path: Path, image: np.ndarray, *, fast: bool = False, **text: str) -> str:
     """Write an image as PNG with text chunks, including a one-off request id.
 
     Gradio caches an output file under a hash of its content and rewrites that file in
@@ -90,6 +94,7 @@ def save_png(path: Path, image: np.ndarray, **text: str) -> str:
     Args:
         path: where to write.
         image: (H, W) or (H, W, 3) uint8.
+        fast: light compression (a shown image: encoded in a third of the time).
         **text: further text chunks (e.g. the method); never identifying data.
 
     Returns:
@@ -102,7 +107,7 @@ def save_png(path: Path, image: np.ndarray, **text: str) -> str:
     for key, value in {"Software": "LungViT", "lungvit-request": uuid.uuid4().hex,
                        **text}.items():
         info.add_text(key, value)
-    Image.fromarray(image).save(path, pnginfo=info)
+    Image.fromarray(image).save(path, pnginfo=info, compress_level=1 if fast else 6)
     return str(path)
 
 
@@ -134,6 +139,31 @@ def _metadata(scan: Any, show_phi: bool) -> dict[str, Any]:
     return meta
 
 
+def _windowed(ctx: AppContext, path: Path, preset: str, center: float | None,
+              width: float | None, include_phi: bool = False) -> Windowed:
+    """The scan read with a window, through the app's cache (one decode per window)."""
+    return load_windowed(path, preset, center, width, include_phi=include_phi,
+                         read=ctx.scans.scan)
+
+
+def _model_key(served: Any) -> tuple[str, int]:
+    """What names a served model in the cache (its file, and the loaded object)."""
+    return str(served.path), id(served.predictor)
+
+
+def _prediction(ctx: AppContext, served: Any, scan: Any) -> Any:
+    """The scan's prediction by the served model, computed once per scan and model."""
+    return ctx.scans.derived(scan, ("predict", _model_key(served)),
+                             lambda: served.predictor.predict(scan))
+
+
+def _display(pixels: np.ndarray) -> np.ndarray:
+    """The scan as shown: uint8, longest side at most :data:`DISPLAY_MAX`."""
+    from lungvit.core.explain.api import display_shape, shrink
+
+    return to_uint8(shrink(pixels, display_shape(pixels.shape, DISPLAY_MAX)))
+
+
 @user_errors
 def show_scan(ctx: AppContext, files: Sequence[Any] | None, selected: str | None,
               preset: str, center: float | None, width: float | None, show_phi: bool,
@@ -142,24 +172,28 @@ def show_scan(ctx: AppContext, files: Sequence[Any] | None, selected: str | None
                          dict[str, Any], float | None, float | None]:
     """Read one scan with the chosen window and predict it with the session's model.
 
+    The decoded scan and its prediction come from the app's cache when an earlier event
+    (the batch table, another view) made them.
+
     Args:
         choice: the session's model (a path; None: the app's default), from its gr.State.
 
     Returns:
-        (PNGs of what the model saw and of its input, probabilities, flags Markdown, metadata,
-        the window presets that suit the scan's modality (choices and the one used), and
-        the level and width it was shown with).
+        (PNGs of what the model saw, at display size, and of its input, probabilities,
+        flags Markdown, metadata, the window presets that suit the scan's modality
+        (choices and the one used), and the level and width it was shown with).
     """
     ctx.policy.check_phi(bool(show_phi))
-    predictor = ctx.model_for(choice).predictor
+    served = ctx.model_for(choice)
+    predictor = served.predictor
     path = _pick(ctx, _files(ctx, files), selected)
-    shown = load_windowed(path, preset, center, width, include_phi=bool(show_phi))
+    shown = _windowed(ctx, path, preset, center, width, bool(show_phi))
     scan = shown.scan
-    pred = predictor.predict(scan)
+    pred = _prediction(ctx, served, scan)
     level, span = numbers_of(scan.meta)
     out = ctx.scratch("views")
     stem = Path(display_name(path, ctx.unpack_dir())).stem
-    shown_png = save_png(out / f"{stem}-shown.png", to_uint8(scan.pixels))
+    shown_png = save_png(out / f"{stem}-shown.png", _display(scan.pixels), fast=True)
     input_png = save_png(out / f"{stem}-model-input.png", _model_input_image(predictor, scan))
     return (shown_png, input_png, pred.probabilities,
             _flags(pred, shown.notes + scan.meta.warnings), _metadata(scan, bool(show_phi)),
@@ -177,18 +211,18 @@ def predict_batch(ctx: AppContext, files: Sequence[Any] | None, preset: str,
     """
     from lungvit.core.errors import ScanReadError
 
-    predictor = ctx.model_for(choice).predictor
+    served = ctx.model_for(choice)
     paths = _files(ctx, files)
     rows: list[list[Any]] = []
     names = [display_name(p, ctx.unpack_dir()) for p in paths]
     for name, path in zip(names, paths):
         try:
-            shown = load_windowed(path, preset, center, width)
+            shown = _windowed(ctx, path, preset, center, width)
         except ScanReadError as exc:
             rows.append([name, "", None, "", "", f"not read: {exc}"])
             continue
         scan = shown.scan
-        pred = predictor.predict(scan)
+        pred = _prediction(ctx, served, scan)
         notes = "; ".join(pred.ood_reasons + pred.uncertain_reasons + shown.notes
                           + scan.meta.warnings)
         rows.append([name, pred.label, round(pred.confidence, 4), "yes" if pred.uncertain else "",
@@ -202,20 +236,12 @@ def predict_batch(ctx: AppContext, files: Sequence[Any] | None, preset: str,
     return rows, str(out), gr.update(choices=names, value=names[0])
 
 
-@user_errors
-def explain_scan(ctx: AppContext, files: Sequence[Any] | None, selected: str | None,
-                 preset: str, center: float | None, width: float | None,
-                 methods: Sequence[str] | None, target: str | None, opacity: float,
-                 choice: str | None = None
-                 ) -> tuple[list[tuple[str, str]], list[list[Any]], list[str]]:
-    """Explain one scan with the chosen methods, for the predicted or a chosen class, with
-    the session's model (``choice``, see show_scan).
-
-    Returns:
-        (gallery of (overlay PNG, caption with its faithfulness), faithfulness rows,
-        downloadable files: one PNG per method and the scan's HTML report).
-    """
-    from lungvit.app.report import build_report
+def _explained(ctx: AppContext, files: Sequence[Any] | None, selected: str | None,
+               preset: str, center: float | None, width: float | None,
+               methods: Sequence[str] | None, target: str | None, choice: str | None
+               ) -> tuple[Any, Path, Any, Any]:
+    """(served model, file, scan, ExplanationSet): explained once per scan, model, methods
+    and class; the overlays are drawn at display size (longest side DISPLAY_MAX)."""
     from lungvit.core.explain import explain
 
     chosen = [METHOD_LABELS.get(m, m) for m in methods or []]
@@ -224,8 +250,7 @@ def explain_scan(ctx: AppContext, files: Sequence[Any] | None, selected: str | N
     served = ctx.model_for(choice)
     predictor = served.predictor
     path = _pick(ctx, _files(ctx, files), selected)
-    name = display_name(path, ctx.unpack_dir())
-    scan = load_windowed(path, preset, center, width).scan
+    scan = _windowed(ctx, path, preset, center, width).scan
     target_index = None
     if target and target != PREDICTED:
         if target not in predictor.labels:
@@ -233,35 +258,106 @@ def explain_scan(ctx: AppContext, files: Sequence[Any] | None, selected: str | N
         target_index = predictor.labels.index(target)
     # No predictor lock: explain() serialises its own captures per model and its hooks
     # record only its own thread, so predictions keep flowing during a long explanation.
-    result = explain(predictor.model, scan.pixels, preprocess=predictor.preprocess,
-                     methods=chosen, target=target_index, opacity=float(opacity),
-                     temperature=predictor.temperature)
-    pred = predictor.predict(scan)
-    label = predictor.labels[result.target]
+    # Overlays are drawn with opacity 0.5 here and redrawn at the asked one (cheap).
+    result = ctx.scans.derived(
+        scan, ("explain", _model_key(served), tuple(chosen), target_index),
+        lambda: explain(predictor.model, scan.pixels, preprocess=predictor.preprocess,
+                        methods=chosen, target=target_index, temperature=predictor.temperature,
+                        max_side=DISPLAY_MAX))
+    return served, path, scan, result
+
+
+def verdict_of(faithfulness: dict[str, float]) -> str:
+    """The map's verdict beside the random maps ("not scored" when it was not)."""
+    from lungvit.core.explain import faithfulness_verdict
+
+    return faithfulness_verdict(faithfulness) or "not scored"
+
+
+@user_errors
+def explain_scan(ctx: AppContext, files: Sequence[Any] | None, selected: str | None,
+                 preset: str, center: float | None, width: float | None,
+                 methods: Sequence[str] | None, target: str | None, opacity: float,
+                 choice: str | None = None
+                 ) -> tuple[list[tuple[str, str]], list[list[Any]]]:
+    """Explain one scan with the chosen methods, for the predicted or a chosen class, with
+    the session's model (``choice``, see show_scan).
+
+    Each map is drawn at display size and judged against the random maps (its verdict
+    leads its caption). Full-resolution overlays and the HTML report are made by
+    :func:`explain_files`, when asked for.
+
+    Returns:
+        (gallery of (overlay PNG, caption: verdict and faithfulness), faithfulness rows).
+    """
+    from lungvit.core.explain import render_overlay
+    from lungvit.core.explain.api import display_shape, shrink
+
+    served, path, scan, result = _explained(ctx, files, selected, preset, center, width,
+                                            methods, target, choice)
+    label = served.labels[result.target]
+    name = display_name(path, ctx.unpack_dir())
     out_dir = ctx.scratch("explanations")
-    gallery, rows, downloads, parts = [], [], [], []
+    gallery, rows = [], []
+    small = None
     for e in result:
         f = e.faithfulness
-        caption = (f"{METHOD_NAMES.get(e.method, e.method)} for {label}: deletion AUC "
-                   f"{f.get('deletion_auc', float('nan')):.3f} (random "
+        verdict = verdict_of(f)
+        caption = (f"{METHOD_NAMES.get(e.method, e.method)} for {label}: {verdict}; deletion "
+                   f"AUC {f.get('deletion_auc', float('nan')):.3f} (random "
                    f"{f.get('random_deletion_auc', float('nan')):.3f}, lower is better), "
                    f"insertion AUC {f.get('insertion_auc', float('nan')):.3f} (random "
                    f"{f.get('random_insertion_auc', float('nan')):.3f}, higher is better)")
+        image = e.overlay
+        if float(opacity) != 0.5:
+            if small is None:
+                small = shrink(scan.pixels, display_shape(scan.pixels.shape, DISPLAY_MAX))
+            image = render_overlay(e, small, opacity=float(opacity))
         png = out_dir / f"{Path(name).stem}-{e.method}.png"
-        save_png(png, e.overlay, method=e.method, target=label)
+        save_png(png, image, fast=True, method=e.method, target=label)
         gallery.append((str(png), caption))  # the file's name is the download's name
-        rows.append([e.method, label, *(round(f.get(k, float("nan")), 4) for k in (
+        rows.append([e.method, label, verdict, *(round(f.get(k, float("nan")), 4) for k in (
             "deletion_auc", "random_deletion_auc", "insertion_auc", "random_insertion_auc")),
             round(e.seconds, 2), round(result.faithfulness_seconds, 2)])
+    return gallery, rows
+
+
+@user_errors
+def explain_files(ctx: AppContext, files: Sequence[Any] | None, selected: str | None,
+                  preset: str, center: float | None, width: float | None,
+                  methods: Sequence[str] | None, target: str | None, opacity: float,
+                  choice: str | None = None) -> list[str]:
+    """The downloads of an explanation, made on request: one full-resolution overlay PNG
+    per method and the scan's HTML report (the explanation itself is reused when
+    :func:`explain_scan` made it for the same inputs).
+
+    Returns:
+        The files' paths.
+    """
+    from lungvit.app.report import build_report
+    from lungvit.core.explain import render_overlay
+
+    served, path, scan, result = _explained(ctx, files, selected, preset, center, width,
+                                            methods, target, choice)
+    label = served.labels[result.target]
+    name = display_name(path, ctx.unpack_dir())
+    out_dir = ctx.scratch("downloads")
+    downloads, parts = [], []
+    for e in result:
+        image = render_overlay(e, scan.pixels, opacity=float(opacity))
+        png = out_dir / f"{Path(name).stem}-{e.method}.png"
+        save_png(png, image, method=e.method, target=label)
         downloads.append(str(png))
-        parts.append({"method": e.method, "overlay": e.overlay, "faithfulness": f})
+        parts.append({"method": e.method, "overlay": image,
+                      "faithfulness": {**e.faithfulness}, "verdict": verdict_of(e.faithfulness)})
+    pred = _prediction(ctx, served, scan)
     report = out_dir / f"{Path(name).stem}-report.html"
     report.write_text(build_report(
         name=name, image=to_uint8(scan.pixels), prediction=pred.to_dict(), explanations=parts,
         model=served.describe(), demo=served.is_demo(),
         version=_version(), report_id=uuid.uuid4().hex[:12]), encoding="utf-8")
     downloads.append(str(report))
-    return gallery, rows, downloads
+    return downloads
 
 
 def _version() -> str:
@@ -273,5 +369,5 @@ def _version() -> str:
         return "unknown"
 
 
-FAITH_HEADERS = ["method", "class", "deletion AUC", "random deletion", "insertion AUC",
+FAITH_HEADERS = ["method", "class", "verdict", "deletion AUC", "random deletion", "insertion AUC",
                  "random insertion", "map seconds", "scoring seconds (all maps)"]

@@ -19,6 +19,21 @@ def _finite(points: Sequence[tuple[int, float]]) -> tuple[list[int], list[float]
     return [s for s, _ in kept], [v for _, v in kept]
 
 
+_SPLITS = {"train": "training", "val": "validation", "test": "test"}
+_METRICS = {"loss": "loss", "acc": "accuracy"}
+
+
+def curve_label(name: str) -> str:
+    """A metric's name in words for a legend: ``train/loss_epoch`` -> "training loss
+    (per epoch)", ``val/acc`` -> "validation accuracy"; other names unchanged."""
+    split, _, metric = name.rpartition("/")
+    base = metric.removesuffix("_epoch")
+    words = f"{_SPLITS.get(split, split)} {_METRICS.get(base, base)}".strip()
+    if split not in _SPLITS or base not in _METRICS:
+        return name
+    return words + (" (per epoch)" if metric.endswith("_epoch") else "")
+
+
 def training_curves(series: Mapping[str, Sequence[tuple[int, float]]]) -> Figure:
     """Loss (left) and accuracy (right) against the optimizer step.
 
@@ -37,7 +52,7 @@ def training_curves(series: Mapping[str, Sequence[tuple[int, float]]]) -> Figure
                 steps, values = _finite(series[name])
                 if steps:
                     ax.plot(steps, values, marker="o" if len(steps) < 30 else None,
-                            markersize=3, linewidth=1.5, label=name)
+                            markersize=3, linewidth=1.5, label=curve_label(name))
             ax.set_title(title)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)

@@ -36,8 +36,8 @@ def build_report(*, name: str, image: np.ndarray, prediction: Mapping[str, Any],
         name: the file name shown.
         image: what the model saw, (H, W) uint8.
         prediction: ``Prediction.to_dict()``.
-        explanations: dicts with ``method``, ``overlay`` ((H, W, 3) uint8) and
-            ``faithfulness`` (name -> number).
+        explanations: dicts with ``method``, ``overlay`` ((H, W, 3) uint8),
+            ``faithfulness`` (name -> number) and optionally ``verdict`` (beside random).
         model: a line naming the model.
         demo: whether the model is the demonstration model.
         version: the LungViT version.
@@ -58,7 +58,8 @@ def build_report(*, name: str, image: np.ndarray, prediction: Mapping[str, Any],
              "</p>" if prediction.get("out_of_distribution") else ""]
     figures = "".join(
         f"<figure><img src='{png_data_uri(e['overlay'])}' alt='{esc(e['method'])}'>"
-        f"<figcaption>{esc(e['method'])}: "
+        f"<figcaption>{esc(e['method'])}"
+        + (f" (<b>{esc(e['verdict'])}</b>)" if e.get("verdict") else "") + ": "
         + ", ".join(f"{esc(k)} {v:.3f}" for k, v in e.get("faithfulness", {}).items())
         + "</figcaption></figure>" for e in explanations)
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lungvit.app.scans import ScanCache
 from lungvit.app.security import ServerPolicy
 
 if TYPE_CHECKING:  # torch loads only when the first model does (the app starts fast)
@@ -228,12 +229,14 @@ class AppContext:
         paths: the app's folders and store.
         sessions: models that browser sessions switched to.
         policy: what clients may ask of the server (folders, identifiers).
+        scans: decoded scans, predictions and explanations reused between events.
     """
 
     holder: ModelHolder
     paths: AppPaths
     sessions: SessionModels = field(default_factory=SessionModels)
     policy: ServerPolicy = field(default_factory=ServerPolicy)
+    scans: ScanCache = field(default_factory=ScanCache)
 
     def model_for(self, choice: str | None) -> ServedModel:
         """The model a session uses: its own choice (a path), or the default (None).

@@ -23,7 +23,9 @@ CSS = """
 #scan-viewer img, #model-input img, .overlay img {width: 100%; height: 100%;
                                                    object-fit: contain}
 #model-input img {image-rendering: pixelated}
-.overlay {max-width: 560px}
+.overlay {max-width: 560px; border: 3px solid transparent; border-radius: 6px}
+.overlay.unfaithful {border-color: #dc2626}
+.overlay.unfaithful .overlay-caption strong {color: #dc2626}
 .overlay-caption {font-size: var(--text-sm); padding: 0 0.4em}
 """
 
@@ -66,14 +68,18 @@ def build_app(context: AppContext | None = None, *, model: str | Path | None = N
                 tab = build_model_tab(ctx)
         shown = [banner, tab.card, target, covered, tab.covered]
         summary = partial(m.model_summary, ctx)
-        app.load(summary, model_state, shown, api_name="model_summary", show_progress="hidden")
-        used.success(summary, model_state, shown, api_name="model_summary_after_use",
+        # The public API is predict, explain, start_finetune, job_status, cancel_job,
+        # list_runs, run_details and load_model; a few more user actions stay callable
+        # but unlisted ("undocumented"), and the page's own events are private.
+        app.load(summary, model_state, shown, api_name="model_summary",
+                 api_visibility="undocumented", show_progress="hidden")
+        used.success(summary, model_state, shown, api_visibility="private",
                      show_progress="hidden")
         tab.load.click(partial(m.load_model_file, ctx), [tab.upload, tab.reference, tab.labels],
                        [model_state, *shown], api_name="load_model", concurrency_limit=1)
         tab.back.click(partial(m.use_default_model, ctx), None, [model_state, *shown],
-                       api_name="use_default_model")
-        app.load(partial(t.list_runs, ctx), None, run_outputs, api_name="list_runs_on_load")
+                       api_name="use_default_model", api_visibility="undocumented")
+        app.load(partial(t.list_runs, ctx), None, run_outputs, api_visibility="private")
     app.queue(max_size=max_queue, default_concurrency_limit=4)
     return app
 

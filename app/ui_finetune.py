@@ -32,7 +32,7 @@ def build_finetune_tab(ctx: AppContext, model_state: gr.State,
         folder = gr.Textbox(label="Dataset folder on this computer", placeholder=data_dir_hint
                             or "/path/to/dataset", scale=3, elem_id="dataset-folder")
         archive = gr.File(label="...or upload a zip", file_types=[".zip"], type="filepath",
-                          scale=2, height=90)
+                          scale=2)
         check = gr.Button("Check dataset", scale=1)
     summary = gr.Markdown(elem_id="dataset-summary")
     counts = gr.Dataframe(headers=["class", "images", "train", "validation", "test", "note"],
@@ -78,17 +78,20 @@ def build_finetune_tab(ctx: AppContext, model_state: gr.State,
 
     dataset = [folder, archive]
     check.click(partial(t.preview_dataset, ctx), dataset, [summary, counts, resolved],
-                api_name="preview_dataset")
+                api_name="preview_dataset", api_visibility="undocumented")
     status_fn = partial(t.job_status, ctx)
     results_fn = partial(t.job_results, ctx)
     start.click(partial(t.start_finetune, ctx),
                 [*dataset, epochs, workers, gpu, batch, lr, base, max_steps, model_state],
                 [job, status], api_name="start_finetune", concurrency_limit=1,
                 ).success(status_fn, job, [status, curves, events, timer], api_name="job_status")
-    timer.tick(status_fn, job, [status, curves, events, timer], api_name="poll_job",
+    # The API polls with /job_status; the timer's own events are the page's.
+    timer.tick(status_fn, job, [status, curves, events, timer], api_visibility="private",
                show_progress="hidden").then(results_fn, job,
                                            [per_class, cm, calibration, use, verdict, anyway],
-                                           api_name="job_results", show_progress="hidden")
+                                           api_name="job_results", api_visibility="undocumented",
+                                           show_progress="hidden")
     cancel.click(partial(t.cancel_job, ctx), job, status, api_name="cancel_job")
     return use.click(partial(t.use_job_model, ctx), [job, anyway], [used, model_state],
-                     api_name="use_job_model", concurrency_limit=1)
+                     api_name="use_job_model", api_visibility="undocumented",
+                     concurrency_limit=1)

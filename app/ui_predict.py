@@ -9,6 +9,7 @@ import gradio as gr
 from lungvit.app import handlers as h
 from lungvit.app import windows as w
 from lungvit.app.state import AppContext
+from lungvit.core.explain.faithfulness import BETTER
 
 MODEL = "model"  # concurrency group of every event that runs the network
 SLOTS = len(h.METHOD_LABELS)  # one overlay panel per method the user can pick
@@ -23,11 +24,13 @@ def fan_out(gallery: list[Any] | None) -> list[Any]:
     """Spread the explain API's (overlay, caption) list over the fixed overlay panels.
 
     Each panel shows its map whole (a gallery crops a lone image and truncates captions),
-    labelled with its method and target class, its faithfulness numbers below it, and a
-    download button.
+    labelled with its method and target class, its verdict and faithfulness numbers below
+    it, and a download button. A map that is not better than random is marked: its panel
+    gets the ``unfaithful`` class (a red frame) and its verdict a warning sign.
 
     Args:
-        gallery: the explain endpoint's list of (overlay file, caption) pairs.
+        gallery: the explain endpoint's list of (overlay file, caption) pairs; a caption
+            reads "<method> for <class>: <verdict>; <numbers>".
 
     Returns:
         One update per panel (shown or hidden), then one per image, then one per caption.
@@ -38,9 +41,14 @@ def fan_out(gallery: list[Any] | None) -> list[Any]:
         if i < len(items):
             image, caption = items[i]
             method, _, numbers = (caption or "").partition(": ")
-            shown.append(gr.update(visible=True))
+            verdict, _, rest = numbers.partition("; ")
+            good = verdict == BETTER
+            text = (f"**{verdict}**" if good else f"**\u26a0 {verdict}**") + (
+                f": {rest}" if rest else "")
+            shown.append(gr.update(visible=True, elem_classes=[
+                "overlay", "faithful" if good else "unfaithful"]))
             images.append(gr.update(value=image, label=method))
-            captions.append(gr.update(value=numbers or method))
+            captions.append(gr.update(value=text if numbers else method))
         else:
             shown.append(gr.update(visible=False))
             images.append(gr.update(value=None))
@@ -64,7 +72,7 @@ def build_predict_tab(ctx: AppContext, model_limit: int, model_state: gr.State
     with gr.Row(equal_height=False):
         with gr.Column(scale=1, min_width=280):
             files = gr.File(label="Scans: DICOM, PNG, JPEG, or a zip of them",
-                            file_count="multiple", type="filepath", height=140,
+                            file_count="multiple", type="filepath",
                             elem_id="scan-upload")
             run = gr.Button("Predict", variant="primary", elem_id="predict-button")
             selected = gr.Dropdown(label="Scan shown", choices=[], allow_custom_value=True,
@@ -125,29 +133,40 @@ def build_predict_tab(ctx: AppContext, model_limit: int, model_state: gr.State
                                        buttons=["download", "fullscreen"]))
                 captions.append(gr.Markdown(elem_classes=["overlay-caption"]))
     faith = gr.Dataframe(headers=h.FAITH_HEADERS, interactive=False,
-                         label="Faithfulness: lower deletion / higher insertion AUC than the "
-                               "random map's means the map follows the model's evidence")
-    downloads = gr.File(label="Overlays and the scan's report (HTML)", file_count="multiple",
-                        interactive=False)
+                         label="Faithfulness: a map is better than random when removing its "
+                               "cells first lowers, and adding them first raises, the "
+                               "probability more than a random map's do (see README)")
+    with gr.Row():
+        make_files = gr.Button("Full-resolution overlays and report", size="sm",
+                               elem_id="explain-files-button", scale=0, min_width=280)
+        downloads = gr.File(label="Overlays at full resolution and the scan's report (HTML)",
+                            file_count="multiple", interactive=False, elem_id="downloads")
 
     window_inputs = [preset, center, width]
     view_outputs = [viewer, model_input, probs, flags, meta, preset, center, width]
     view = partial(h.show_scan, ctx)
     common = {"concurrency_limit": model_limit, "concurrency_id": MODEL}
+    # Internal UI events stay off the API page and out of gradio_client's reach; the
+    # public API is /predict and /explain here (see README). /predict_batch stays
+    # callable (undocumented) for scripts that predict a folder.
+    private = {"api_visibility": "private"}
     view_inputs = [files, selected, *window_inputs, show_phi, model_state]
-    for trigger, name in ((run.click, "predict"), (files.upload, "upload")):
-        trigger(partial(h.predict_batch, ctx), [files, *window_inputs, model_state],
-                [table, table_csv, selected], api_name=f"{name}_batch", **common
-                ).success(view, view_inputs, view_outputs, api_name=name, **common)
-    selected.input(view, view_inputs, view_outputs, api_name="show_scan", **common)
-    show_phi.input(view, view_inputs, view_outputs, api_name="show_scan_phi", **common)
-    preset.input(view, view_inputs, view_outputs, api_name="show_scan_window", **common)
-    for box, name in ((center, "level"), (width, "width")):
-        box.submit(to_custom, None, preset, api_name=f"window_{name}", queue=False).then(
-            view, view_inputs, view_outputs, api_name=f"show_scan_{name}", **common)
-    explain.click(partial(h.explain_scan, ctx),
-                  [files, selected, *window_inputs, methods, target, opacity, model_state],
-                  [gallery, faith, downloads], api_name="explain", **common
+    batch = partial(h.predict_batch, ctx)
+    batch_io = ([files, *window_inputs, model_state], [table, table_csv, selected])
+    run.click(batch, *batch_io, api_name="predict_batch", api_visibility="undocumented",
+              **common).success(view, view_inputs, view_outputs, api_name="predict", **common)
+    files.upload(batch, *batch_io, **private, **common).success(
+        view, view_inputs, view_outputs, **private, **common)
+    for event in (selected.input, show_phi.input, preset.input):
+        event(view, view_inputs, view_outputs, **private, **common)
+    for box in (center, width):
+        box.submit(to_custom, None, preset, queue=False, **private).then(
+            view, view_inputs, view_outputs, **private, **common)
+    explain_inputs = [files, selected, *window_inputs, methods, target, opacity, model_state]
+    explain.click(partial(h.explain_scan, ctx), explain_inputs, [gallery, faith],
+                  api_name="explain", **common
                   ).success(fan_out, gallery, [*panels, *images, *captions], queue=False,
-                            api_visibility="private")
+                            **private)
+    make_files.click(partial(h.explain_files, ctx), explain_inputs, downloads, **private,
+                     **common)
     return target, covered

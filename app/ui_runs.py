@@ -41,8 +41,10 @@ def build_runs_tab(ctx: AppContext) -> list[gr.components.Component]:
     refresh.click(partial(t.list_runs, ctx), None, [runs, run, a, b], api_name="list_runs")
     run.change(partial(t.run_details, ctx), run,
                [curves, cm, per_class, config, card, compared], api_name="run_details")
-    compare.click(partial(t.compare_runs, ctx), [a, b], table, api_name="compare_runs")
-    resume.click(partial(t.resume_run, ctx), run, resumed, api_name="resume_run")
+    compare.click(partial(t.compare_runs, ctx), [a, b], table, api_name="compare_runs",
+                  api_visibility="undocumented")
+    resume.click(partial(t.resume_run, ctx), run, resumed, api_name="resume_run",
+                 api_visibility="undocumented")
     return [runs, run, a, b]
 
 
@@ -71,7 +73,7 @@ def build_model_tab(ctx: AppContext) -> ModelTab:
     with gr.Accordion("Load another model", open=True):
         upload = gr.File(label="A LungViT checkpoint (.safetensors) or a reference-design "
                                "state dict (.pth)", file_types=[".safetensors", ".pth", ".pt"],
-                         type="filepath", height=90)
+                         type="filepath")
         reference = gr.Checkbox(False, label="It is a reference-design .pth (import it)")
         labels = gr.Textbox(label="Class names in head order, comma separated (import only; "
                                   "blank: the nine standard classes)")

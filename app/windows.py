@@ -4,19 +4,21 @@
 CT stores Hounsfield units, so its classic presets (lung, mediastinum, bone) mean the same
 on every CT scanner; X-ray (CR/DX), OCT and PNG/JPEG values do not, so those scans get
 presets computed from the file itself: its own window (VOI), a robust percentile window,
-or the full range of its values. Either way the result is a plain (center, width) in the
-file's values after the Modality LUT, so the one preprocessing path of ``core`` is kept:
-the app only chooses the window it asks for.
+or the full range of its values. Core computes those (``load_scan(window="auto")``,
+``"minmax"``) in the one decode and applies them as a plain (center, width) in the file's
+values after the Modality LUT, so the one preprocessing path of ``core`` is kept: the app
+only chooses the window it asks for.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lungvit.core import pixel_math
 from lungvit.core.errors import LungViTError
 from lungvit.core.ingest import load_scan
+from lungvit.core.pixel_math import range_window
 from lungvit.core.scan import Scan, ScanMetadata
 
 FILE = "File's own window (VOI)"
@@ -27,6 +29,10 @@ CUSTOM = "Custom"
 CT_PRESETS: dict[str, tuple[float, float]] = {
     "CT lung": (-600.0, 1500.0), "CT mediastinum": (40.0, 400.0), "CT bone": (400.0, 1800.0)}
 GENERAL = [FILE, AUTO, FULL]
+# The presets that core computes from the image itself (load_scan's named windows).
+NAMED = {AUTO: "auto", FULL: "minmax"}
+# Decodes a scan file: read(path, window=..., include_phi=...) -> Scan.
+Reader = Callable[..., Scan]
 
 
 class WindowError(LungViTError, ValueError):
@@ -63,12 +69,6 @@ def presets_for(meta: ScanMetadata | None) -> list[str]:
     return [*GENERAL, CUSTOM]
 
 
-def range_window(low: float, high: float) -> tuple[float, float]:
-    """The LINEAR (center, width) that maps ``low`` to black and ``high`` to white
-    (PS3.3 C.11.2.1.2: y = (x - (c - 0.5)) / (w - 1) + 0.5)."""
-    return (low + high) / 2.0 + 0.5, max(high - low + 1.0, 1.0)
-
-
 def numbers_of(meta: ScanMetadata) -> tuple[float | None, float | None]:
     """The (center, width) the scan was shown with, for the level/width boxes; blanks when
     the file's window is a lookup table (no single pair describes it)."""
@@ -81,57 +81,21 @@ def numbers_of(meta: ScanMetadata) -> tuple[float | None, float | None]:
     return None, None
 
 
-def _probe_span(meta: ScanMetadata) -> tuple[float, float]:
-    """A range surely holding every value after the Modality LUT (signed or not)."""
-    bits = min(max(int(meta.bits_stored or 16), 1), 16)
-    lo, hi = -float(1 << bits), float(1 << bits)
-    rescale = meta.rescale or {}
-    if rescale.get("kind") == "linear":
-        a = lo * float(rescale["slope"]) + float(rescale["intercept"])
-        b = hi * float(rescale["slope"]) + float(rescale["intercept"])
-        lo, hi = min(a, b), max(a, b)
-    elif rescale.get("kind") == "lut_sequence":
-        lo, hi = 0.0, float(1 << min(int(rescale.get("bits", 16)), 16))
-    return lo, hi
-
-
-def value_range(path: Path, meta: ScanMetadata, kind: str) -> tuple[float, float]:
-    """The percentile or min-max range of the scan's values after the Modality LUT.
-
-    The file is read once more through ``load_scan`` with a window spanning every value
-    it could hold, so the display values are a known linear map of the stored ones
-    (float32 keeps ~1e-7 of that span: far below one stored level) and are mapped back.
-
-    Args:
-        path: the scan file.
-        meta: its metadata from a first read (bits stored, rescale).
-        kind: "percentile" or "minmax".
-
-    Returns:
-        (low, high) in the file's values.
-    """
-    lo, hi = _probe_span(meta)
-    center, width = range_window(lo, hi)
-    probe = load_scan(path, window=(center, width))
-    y = probe.pixels if not probe.meta.inverted else 1.0 - probe.pixels  # undo MONOCHROME1
-    if kind == "percentile":
-        a, b = pixel_math.robust_range(y)
-        if not b > a:
-            a, b = float(y.min()), float(y.max())
-    else:
-        a, b = float(y.min()), float(y.max())
-    return lo + a * (hi - lo), lo + b * (hi - lo)
-
-
 def load_windowed(path: Path, preset: str, center: float | None, width: float | None,
-                  *, include_phi: bool = False) -> Windowed:
+                  *, include_phi: bool = False, read: Reader | None = None) -> Windowed:
     """Read a scan with the window a preset (or Custom with its numbers) stands for.
+
+    The window maths is core's (``load_scan(window="auto" | "minmax" | (c, w))``): each
+    preset is one decode. Only a Hounsfield preset asked of a scan that turns out not to
+    be CT needs a second one, with the file's own window.
 
     Args:
         path: the scan file.
         preset: one of :func:`presets_for`'s names.
         center / width: the Custom window (ignored by other presets).
         include_phi: copy identifying DICOM attributes into the metadata.
+        read: decodes ``read(path, window=..., include_phi=...)``; default ``load_scan``
+            (the app passes its :class:`~lungvit.app.scans.ScanCache`).
 
     Returns:
         A :class:`Windowed`.
@@ -140,31 +104,29 @@ def load_windowed(path: Path, preset: str, center: float | None, width: float | 
         WindowError: Custom without a level and a width of at least 1.
         ScanReadError: the file cannot be read.
     """
+    read = read or load_scan
     if preset == CUSTOM:
         if center is None or width is None or not math.isfinite(center) or not (
                 math.isfinite(width) and width >= 1):
             raise WindowError("Custom window: give a level and a width of at least 1")
         window = (float(center), float(width))
-        return Windowed(load_scan(path, window=window, include_phi=include_phi), window, preset)
+        return Windowed(read(path, window=window, include_phi=include_phi), window, preset)
     if preset in CT_PRESETS:
         # Read with the preset at once: the UI offers CT presets only for CT scans, so the
         # re-read with the file's own window is the rare case (an API call).
         window = CT_PRESETS[preset]
-        scan = load_scan(path, window=window, include_phi=include_phi)
+        scan = read(path, window=window, include_phi=include_phi)
         if is_ct(scan.meta):
             return Windowed(scan, window, preset)
-        first = load_scan(path, include_phi=include_phi)
+        first = read(path, include_phi=include_phi)
         modality = first.meta.modality or first.meta.source_format.upper()
         return Windowed(first, None, FILE, [
             f"the {preset} preset is in Hounsfield units, for CT; this {modality} scan is "
             "shown with its own window"])
-    first = load_scan(path, include_phi=include_phi)
     if preset in (AUTO, FULL):
-        low, high = value_range(path, first.meta, "percentile" if preset == AUTO else "minmax")
-        if not high > low:
-            return Windowed(first, None, FILE, ["every pixel has the same value; the file's "
-                                                "own window was kept"])
-        window = range_window(low, high)
-        return Windowed(load_scan(path, window=window, include_phi=include_phi), window,
-                        preset)
-    return Windowed(first, None, FILE)
+        scan = read(path, window=NAMED[preset], include_phi=include_phi)
+        w = scan.meta.window or {}
+        if w.get("range") != NAMED[preset]:  # a blank image: core kept the file's window
+            return Windowed(scan, None, FILE)
+        return Windowed(scan, (float(w["center"]), float(w["width"])), preset)
+    return Windowed(read(path, include_phi=include_phi), None, FILE)

@@ -1,7 +1,7 @@
 """How fast ``lungvit-app`` serves its page, and predict + explain latency under load.
 
     .venv/bin/python bench/bench_app.py [--starts 3] [--clients 8] [--requests 4] [--cores 2]
-                                        [--model PATH | --variant NAME]
+                                        [--model PATH | --variant NAME] [--user-path]
 
 By default this measures the app as shipped: ``lungvit-app`` with its defaults, serving the
 bundled demo model (lungvit_tiny, 64 px). ``--model`` serves a checkpoint file instead;
@@ -16,6 +16,11 @@ weights), e.g. ``--variant lungvit_ref64`` for the reference configuration.
    (deletion/insertion AUCs beside random maps), as the app always does. Everything stays
    on 127.0.0.1. Reported: one warm request alone, then p50 / p95 / max request latency
    under load and requests per second; the model's concurrency limit is the app's (2).
+3. ``--user-path`` (instead of 1 and 2): a 2,394 x 1,969 PNG and a 2,000 px JPEG 2000 DICOM;
+   per scan, the time until it is shown (``/predict``: upload, decode, predict, display
+   image) and each of rollout, Grad-CAM and Integrated Gradients end to end (``/explain``),
+   for one client (median of 3) and ``--clients`` at once (p95, and its ratio to the
+   single-client median); plus prediction of a decoded scan in process.
 """
 from __future__ import annotations
 
@@ -161,6 +166,116 @@ def bench_load(args: argparse.Namespace, tmp: Path, model: Path | None) -> dict[
             "cores": len(cores), "error_kinds": sorted(set(errors))}
 
 
+def user_path_images(tmp: Path, copies: int) -> dict[str, list[Path]]:
+    """A 2,394 x 1,969 8-bit PNG (a chest X-ray's size) and a 2,000 x 2,000 12-bit JPEG
+    2000 (lossless) DICOM, each in ``copies`` versions differing by one pixel (so no
+    cache holds a version before it is first sent)."""
+    from PIL import Image
+
+    from lungvit.core.dicom_write import write_dicom
+
+    rng = np.random.default_rng(0)
+    out: dict[str, list[Path]] = {"png 2394x1969": [], "j2k dicom 2000x2000": []}
+    yy, xx = np.mgrid[0:2394, 0:1969]
+    chest = ((np.hypot((yy - 1200) / 1.2, xx - 985) < 900) * 150 + rng.integers(0, 80, yy.shape))
+    yy, xx = np.mgrid[0:2000, 0:2000]
+    dx = ((np.hypot(yy - 1000, xx - 1000) < 800) * 2500 + rng.integers(0, 800, yy.shape))
+    for i in range(copies):
+        png = chest.astype(np.uint8)
+        png[0, 0] = i
+        out["png 2394x1969"].append(tmp / f"chest{i}.png")
+        Image.fromarray(png).save(out["png 2394x1969"][-1])
+        stored = dx.astype(np.uint16)
+        stored[0, 0] = i
+        out["j2k dicom 2000x2000"].append(write_dicom(
+            tmp / f"dx{i}.dcm", stored, bits_stored=12, window_center=1600, window_width=3200,
+            transfer_syntax="JPEG2000Lossless"))
+    return out
+
+
+PATH_METHODS = ("Attention rollout", "Grad-CAM", "Integrated Gradients")
+
+
+def path_once(c: object, scan: Path) -> dict[str, float]:
+    """One user's path on one scan: shown (upload, decode, predict, display: the
+    /predict call), then each explanation method alone, end to end through the API."""
+    from gradio_client import handle_file
+
+    files = [handle_file(str(scan))]
+    times = {}
+    t0 = time.perf_counter()
+    c.predict(files, None, *PREDICT_ARGS, False, api_name="/predict")
+    times["shown"] = time.perf_counter() - t0
+    for method in PATH_METHODS:
+        t0 = time.perf_counter()
+        c.predict(files, None, *PREDICT_ARGS, [method], "Predicted class", 0.5,
+                  api_name="/explain")
+        times[method] = time.perf_counter() - t0
+    return times
+
+
+def predict_seconds(images: dict[str, list[Path]], model: Path | None, repeats: int = 5
+                    ) -> dict[str, float]:
+    """In-process prediction of an already decoded scan (preprocess + forward + flags):
+    the median of ``repeats``, per image kind."""
+    from lungvit.core.ingest import load_scan
+    from lungvit.core.predict import Predictor
+
+    predictor = Predictor.from_checkpoint(model)
+    out = {}
+    for kind, paths in images.items():
+        scan = load_scan(paths[0])
+        predictor.predict(scan)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            predictor.predict(scan)
+            times.append(time.perf_counter() - t0)
+        out[kind] = statistics.median(times)
+    return out
+
+
+def bench_user_path(args: argparse.Namespace, tmp: Path, model: Path | None) -> None:
+    """The user's path on large scans, one client then ``--clients`` at once (p95)."""
+    from gradio_client import Client
+
+    single_reps = 3
+    images = user_path_images(tmp, 1 + single_reps + args.clients)
+    for kind, ms in predict_seconds(images, model).items():
+        print(f"predict, decoded {kind} in process: median {ms:.3f} s")
+    cores = set(sorted(os.sched_getaffinity(0))[:args.cores])
+    port = free_port()
+    proc, _ = start_app(app_command(port, tmp / "path", model), port, cores)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        warm = Client(url, verbose=False)
+        for paths in images.values():
+            path_once(warm, paths[0])  # model loaded, code paths warm
+        for kind, paths in images.items():
+            alone = [path_once(warm, p) for p in paths[1:1 + single_reps]]
+            results: list[dict[str, float]] = []
+            lock = threading.Lock()
+
+            def one(p: Path) -> None:
+                r = path_once(Client(url, verbose=False), p)
+                with lock:
+                    results.append(r)
+
+            threads = [threading.Thread(target=one, args=(p,))
+                       for p in paths[1 + single_reps:]]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for stage in ("shown", *PATH_METHODS):
+                a = statistics.median(r[stage] for r in alone)
+                p95 = float(np.quantile([r[stage] for r in results], 0.95))
+                print(f"{kind}: {stage}: 1 client median {a:.2f} s; {args.clients} clients "
+                      f"p95 {p95:.2f} s ({p95 / a:.1f}x)")
+    finally:
+        stop_app(proc)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--starts", type=int, default=3, help="cold starts timed (median shown)")
@@ -172,12 +287,19 @@ def main() -> None:
                        help="serve this checkpoint (default: the bundled demo model)")
     which.add_argument("--variant", metavar="NAME",
                        help="serve an untrained model of this variant, e.g. lungvit_ref64")
+    p.add_argument("--user-path", action="store_true",
+                   help="instead: the user's path on a 2,394 px PNG and a 2,000 px JPEG 2000 "
+                        "DICOM (shown, predict, each explanation; 1 and --clients clients)")
     args = p.parse_args()
     print(f"# {platform.node()} {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         model, name = served_model(args, tmp)
+        if args.user_path:
+            print(f"model: {name}; app pinned to {args.cores} cores")
+            bench_user_path(args, tmp, model)
+            return
         starts = bench_startup(args.starts, tmp, model)
         print(f"start to served page ({name}): median {statistics.median(starts):.2f} s "
               f"(runs: {', '.join(f'{s:.2f}' for s in starts)})")

@@ -25,7 +25,7 @@ from lungvit.core.scan import ScanMetadata
 
 
 def gray_to_display(stored: np.ndarray, ds: Dataset, meta: ScanMetadata,
-                    window: tuple[float, float] | None, notes: list[str]) -> np.ndarray:
+                    window: tuple[float, float] | str | None, notes: list[str]) -> np.ndarray:
     """Modality LUT -> VOI -> MONOCHROME1 inversion -> [0, 1] float32.
 
     Args:
@@ -52,7 +52,8 @@ def gray_to_display(stored: np.ndarray, ds: Dataset, meta: ScanMetadata,
 
 
 def color_to_display(arr: np.ndarray, ds: Dataset, photometric: str, photometric_out: str,
-                     meta: ScanMetadata, window: tuple[float, float] | None, label: str,
+                     meta: ScanMetadata, window: tuple[float, float] | str | None,
+                     label: str,
                      notes: list[str]) -> np.ndarray:
     """RGB / YBR / PALETTE COLOR -> BT.601 luminance in [0, 1] float32.
 
@@ -62,7 +63,8 @@ def color_to_display(arr: np.ndarray, ds: Dataset, photometric: str, photometric
         photometric / photometric_out: as stored, and as the decoder returned it (YBR
             data comes back as RGB).
         meta: filled in: color_saturation, window (bits_stored is read).
-        window: a caller's (center, width) in luminance units, or None for full range.
+        window: a caller's (center, width) in luminance units, "auto" / "minmax", or None
+            for full range.
         label / notes: for messages and warnings.
 
     Returns:
@@ -85,11 +87,11 @@ def color_to_display(arr: np.ndarray, ds: Dataset, photometric: str, photometric
                                         "be converted to RGB")
         full = float((1 << meta.bits_stored) - 1)
     gray, meta.color_saturation = pixel_math.luminance(arr, full)
-    notes.append(f"a colour image ({photometric}) was converted to grayscale by luminance "
-                 f"(mean colour saturation {meta.color_saturation:.2f})")
+    if note := pixel_math.colour_note(photometric, meta.color_saturation):
+        notes.append(note)
+    window, named = pixel_math.resolve_window(window, gray, notes)
     if window is not None:
-        meta.window = {"kind": "window", "center": float(window[0]),
-                       "width": float(window[1]), "function": "LINEAR", "source": "override"}
+        meta.window = pixel_math.window_info(window, named)
         return pixel_math.apply_window(gray, window[0], window[1], inplace=True)
     meta.window = {"kind": "full_range", "low": 0.0, "high": full}
     return pixel_math.scale_range(gray, 0.0, full, inplace=True)
@@ -129,18 +131,19 @@ def modality_transform(stored: np.ndarray, ds: Dataset,
 
 
 def voi_transform(stored: np.ndarray, values: np.ndarray, rescale: dict[str, Any] | None,
-                  ds: Dataset, window: tuple[float, float] | None,
+                  ds: Dataset, window: tuple[float, float] | str | None,
                   notes: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
     """Apply the VOI stage; returns [0, 1] float32 (before any inversion) and what was done.
 
-    Precedence: the caller's ``window`` override, the VOI LUT Sequence, the first Window
+    Precedence: the caller's ``window`` override ((center, width), or "auto" / "minmax"
+    computed from ``values``), the VOI LUT Sequence, the first Window
     Center/Width, then a robust percentile window (with a note).
     """
+    window, named = pixel_math.resolve_window(window, values, notes)
     if window is not None:
         center, width = float(window[0]), float(window[1])
-        return pixel_math.apply_window(values, center, width, "LINEAR", inplace=True), {
-            "kind": "window", "center": center, "width": width, "function": "LINEAR",
-            "source": "override"}
+        return (pixel_math.apply_window(values, center, width, "LINEAR", inplace=True),
+                pixel_math.window_info((center, width), named))
     item = _first_item(ds, "VOILUTSequence")
     lut = lut_table(item, ds, notes, "VOI LUT") if item is not None else None
     if lut is not None:

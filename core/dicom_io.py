@@ -54,7 +54,7 @@ _INFLATE_STEP = 8 << 20
 
 
 def read_dicom(data: bytes, *, label: str, frame: int | None,
-               window: tuple[float, float] | None, include_phi: bool,
+               window: tuple[float, float] | str | None, include_phi: bool,
                max_pixels: int) -> Scan:
     """Decode DICOM bytes into a :class:`Scan` (see the module docstring for the order).
 
@@ -69,8 +69,9 @@ def read_dicom(data: bytes, *, label: str, frame: int | None,
         return _read(data, label, frame, window, include_phi, max_pixels, notes)
 
 
-def _read(data: bytes, label: str, frame: int | None, window: tuple[float, float] | None,
-          include_phi: bool, max_pixels: int, notes: list[str]) -> Scan:
+def _read(data: bytes, label: str, frame: int | None,
+          window: tuple[float, float] | str | None, include_phi: bool, max_pixels: int,
+          notes: list[str]) -> Scan:
     ds, deflated = _parse(data, label, inflate_limit=2 * max_pixels + _INFLATE_OVERHEAD)
     ts = _transfer_syntax(ds, label, notes)
     meta = _header_metadata(ds, include_phi)

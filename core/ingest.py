@@ -21,6 +21,7 @@ from lungvit.core.errors import (
     CorruptFileError, DecompressionBombError, EmptyFileError, ScanReadError,
     UnsupportedImageError,
 )
+from lungvit.core.pixel_math import WINDOW_RANGES
 from lungvit.core.raster_io import read_raster
 from lungvit.core.scan import Scan
 
@@ -67,7 +68,7 @@ def load_scan(
     *,
     name: str | None = None,
     frame: int | None = None,
-    window: tuple[float, float] | None = None,
+    window: tuple[float, float] | str | None = None,
     include_phi: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Scan:
@@ -80,7 +81,9 @@ def load_scan(
         frame: which frame of a multi-frame DICOM to read (from 0); default the middle one.
             Only that frame is decoded.
         window: (center, width) to use instead of the file's own window, in the file's
-            values after the Modality LUT (Hounsfield units for CT, stored values for PNG).
+            values after the Modality LUT (Hounsfield units for CT, stored values for PNG);
+            or "auto" (the 0.5-99.5 percentiles of those values) or "minmax" (all of them),
+            computed from the one decode (a blank image keeps the file's own window).
         include_phi: copy identifying DICOM attributes into ``meta.phi`` (off by default).
         max_pixels: the largest rows x columns accepted; larger images are refused before
             decoding.
@@ -92,7 +95,11 @@ def load_scan(
         ScanReadError: a subclass saying what is wrong with the file.
         ValueError: invalid ``window``, ``frame`` or ``max_pixels`` arguments.
     """
-    if window is not None and not (len(window) == 2 and float(window[1]) >= 1.0):
+    if isinstance(window, str):
+        if window not in WINDOW_RANGES:
+            raise ValueError(f"window must be (center, width) or one of {WINDOW_RANGES}, "
+                             f"got {window!r}")
+    elif window is not None and not (len(window) == 2 and float(window[1]) >= 1.0):
         raise ValueError(f"window must be (center, width) with width >= 1, got {window!r}")
     if frame is not None and frame < 0:
         raise ValueError(f"frame must be 0 or more, got {frame}")

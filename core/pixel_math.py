@@ -9,6 +9,10 @@ import numpy as np
 
 # ITU-R BT.601 luma weights (the Y of DICOM's YBR_FULL and of JPEG/JFIF).
 BT601 = (0.299, 0.587, 0.114)
+# Mean chroma below which a colour-coded image is grey in fact (a grey picture stored as
+# RGB, or YBR with JPEG's rounding): converting it to luminance changes nothing visible,
+# so no note is made.
+GREY_SATURATION = 0.02
 
 # Percentiles of the fallback window when a file carries none (PS3.3 leaves it to the
 # viewer; 0.5/99.5 ignores burnt-in labels and collimator edges on radiographs).
@@ -16,6 +20,9 @@ ROBUST_LOW_PCT = 0.5
 ROBUST_HIGH_PCT = 99.5
 
 VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+# Windows a caller may ask for by name, computed from the image's own values:
+# "auto" spans the 0.5-99.5 percentiles, "minmax" every value.
+WINDOW_RANGES = ("auto", "minmax")
 
 _BINCOUNT_MAX_RANGE = 1 << 22  # integer ranges up to 4 Mi values use an exact histogram
 _SAMPLE_TARGET = 1 << 20  # float data: percentiles of a strided sample of ~1 Mi pixels
@@ -147,3 +154,70 @@ def fraction_at_extremes(y: np.ndarray) -> tuple[float, float]:
     n = max(sample.size, 1)
     return (float(np.count_nonzero(sample <= 0.0)) / n,
             float(np.count_nonzero(sample >= 1.0)) / n)
+
+
+def range_window(low: float, high: float) -> tuple[float, float]:
+    """The LINEAR (center, width) that maps ``low`` to black and ``high`` to white
+    (PS3.3 C.11.2.1.2: y = (x - (c - 0.5)) / (w - 1) + 0.5)."""
+    return (low + high) / 2.0 + 0.5, max(high - low + 1.0, 1.0)
+
+
+def value_range(values: np.ndarray, kind: str) -> tuple[float, float]:
+    """The (low, high) of an image's values that a named window spans.
+
+    Args:
+        values: the image's values (after any Modality LUT).
+        kind: "auto" (the 0.5-99.5 percentiles; the full range when more than 99% of
+            the pixels share a value) or "minmax".
+
+    Returns:
+        (low, high); equal for a blank image.
+    """
+    if kind not in WINDOW_RANGES:
+        raise ValueError(f"unknown window {kind!r}; choose from {', '.join(WINDOW_RANGES)}")
+    if kind == "auto":
+        low, high = robust_range(values)
+        if high > low:
+            return low, high
+    flat = np.asarray(values)
+    return (float(flat.min()), float(flat.max())) if flat.size else (0.0, 0.0)
+
+
+def resolve_window(window: tuple[float, float] | str | None, values: np.ndarray,
+                   notes: list[str]) -> tuple[tuple[float, float] | None, str | None]:
+    """A caller's window as (center, width), computed from ``values`` when it is named.
+
+    Args:
+        window: (center, width), one of :data:`WINDOW_RANGES`, or None (the file's own).
+        values: the image's values after any Modality LUT, before the VOI.
+        notes: a note is appended when a named window cannot be applied.
+
+    Returns:
+        ((center, width) or None, the name of the range used or None). A named window
+        on a blank image gives None: the file's own window is kept (with a note).
+    """
+    if not isinstance(window, str):
+        return window, None
+    low, high = value_range(values, window)
+    if not high > low:
+        notes.append("every pixel has the same value; the file's own window was kept")
+        return None, None
+    return range_window(low, high), window
+
+
+def window_info(window: tuple[float, float], kind: str | None) -> dict[str, object]:
+    """``meta.window`` for a caller's window (``kind``: the named range it came from)."""
+    info: dict[str, object] = {"kind": "window", "center": float(window[0]),
+                               "width": float(window[1]), "function": "LINEAR",
+                               "source": "override"}
+    if kind is not None:
+        info["range"] = kind
+    return info
+
+
+def colour_note(kind: str, saturation: float) -> str | None:
+    """The note on turning a colour image into luminance; None when it was grey anyway."""
+    if saturation < GREY_SATURATION:
+        return None
+    return (f"a colour image ({kind}) was converted to grayscale by luminance (mean colour "
+            f"saturation {saturation:.2f})")

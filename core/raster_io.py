@@ -31,15 +31,16 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, IndexE
                   KeyError, TypeError)
 
 
-def read_raster(data: bytes, *, kind: str, label: str, window: tuple[float, float] | None,
-                max_pixels: int) -> Scan:
+def read_raster(data: bytes, *, kind: str, label: str,
+                window: tuple[float, float] | str | None, max_pixels: int) -> Scan:
     """Decode PNG or JPEG bytes into a :class:`Scan`.
 
     Args:
         data: the whole file.
         kind: "png" or "jpeg" (from content sniffing).
         label: how to name the file in messages.
-        window: optional (center, width) in the file's own pixel values.
+        window: optional (center, width) in the file's own pixel values, or "auto" /
+            "minmax" (see :func:`lungvit.core.pixel_math.resolve_window`).
         max_pixels: refuse images with more pixels than this, before decoding them.
     """
     notes: list[str] = []
@@ -62,9 +63,9 @@ def read_raster(data: bytes, *, kind: str, label: str, window: tuple[float, floa
                                "is truncated or damaged") from exc
     meta.bits_stored = bits
     meta.original_shape = (int(gray.shape[0]), int(gray.shape[1]))
+    window, named = pixel_math.resolve_window(window, gray, notes)
     if window is not None:
-        meta.window = {"kind": "window", "center": float(window[0]), "width": float(window[1]),
-                       "function": "LINEAR", "source": "override"}
+        meta.window = pixel_math.window_info(window, named)
         pixels = pixel_math.apply_window(gray, window[0], window[1], inplace=True)
     else:
         meta.window = {"kind": "full_range", "low": 0.0, "high": full}
@@ -139,6 +140,6 @@ def _to_gray(im: Image.Image, meta: ScanMetadata, notes: list[str],
     else:
         rgb = arr
     gray, meta.color_saturation = pixel_math.luminance(rgb, 255.0)
-    notes.append(f"a colour image ({mode}) was converted to grayscale by luminance "
-                 f"(mean colour saturation {meta.color_saturation:.2f})")
+    if note := pixel_math.colour_note(mode, meta.color_saturation):
+        notes.append(note)
     return gray, 255.0, 8

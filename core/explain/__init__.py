@@ -8,9 +8,11 @@ and :mod:`.overlay` (colour maps in numpy).
 """
 from __future__ import annotations
 
-from lungvit.core.explain.api import Explanation, ExplanationSet, explain
+from lungvit.core.explain.api import Explanation, ExplanationSet, explain, render_overlay
 from lungvit.core.explain.attributions import METHODS, AttributionContext, compute
-from lungvit.core.explain.faithfulness import lesion_share, pointing_hit, randomization_check
+from lungvit.core.explain.faithfulness import (
+    faithfulness_verdict, lesion_share, pointing_hit, randomization_check,
+)
 from lungvit.core.explain.overlay import colormap, overlay
 from lungvit.core.explain.rollout import capture_attention, rollout
 
@@ -23,9 +25,11 @@ __all__ = [
     "colormap",
     "compute",
     "explain",
+    "faithfulness_verdict",
     "lesion_share",
     "overlay",
     "pointing_hit",
     "randomization_check",
+    "render_overlay",
     "rollout",
 ]

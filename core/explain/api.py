@@ -32,16 +32,19 @@ class Explanation:
     Attributes:
         method: the method's name (see :data:`METHODS`).
         target: the class explained.
-        map: (H, W) float32 in [0, 1] at the scan's resolution (positive evidence for signed
-            methods), aligned with the scan.
+        map: (H, W) float32 in [0, 1] at the scan's resolution, or at the display size
+            asked for (``max_side``), positive evidence for signed methods, aligned with
+            the scan.
         raw: the method's raw map at model resolution, (h, w) on the token grid or (S, S) at
             the input, float32, signed where the method is.
-        overlay: (H, W, 3) uint8 RGB, the map over the scan.
+        overlay: (H, W, 3) uint8 RGB, the map over the scan (same size as ``map``; see
+            :func:`render_overlay` for another size).
         seconds: wall time of the method, map and overlay (faithfulness not included; for
             rollout it includes the forward pass that also gives the prediction).
         extras: method-specific numbers (e.g. ``delta`` for Integrated Gradients).
         faithfulness: ``deletion_auc``, ``insertion_auc``, ``random_deletion_auc``,
             ``random_insertion_auc`` (lower deletion / higher insertion is better), or empty.
+        signed: ``raw`` is signed (the map shown is its positive part).
     """
 
     method: str
@@ -52,6 +55,7 @@ class Explanation:
     seconds: float
     extras: dict[str, Any] = field(default_factory=dict)
     faithfulness: dict[str, float] = field(default_factory=dict)
+    signed: bool = False
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready numbers (no arrays)."""
@@ -104,6 +108,44 @@ def display_map(r: RawAttribution) -> torch.Tensor:
     return r.raw.clamp(min=0) if r.signed else r.raw
 
 
+def display_shape(shape: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    """``shape`` scaled down (aspect kept) so its longest side is at most ``max_side``."""
+    h, w = int(shape[0]), int(shape[1])
+    if max_side is None or max(h, w) <= max_side:
+        return h, w
+    scale = max_side / max(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def shrink(pixels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """An (H, W) image in [0, 1] resized to ``shape`` (anti-aliased; itself if equal)."""
+    if tuple(pixels.shape) == tuple(shape):
+        return pixels
+    t = torch.as_tensor(np.ascontiguousarray(pixels), dtype=torch.float32)[None, None]
+    out = torch.nn.functional.interpolate(t, size=tuple(shape), mode="bilinear", antialias=True,
+                                          align_corners=False)
+    return out[0, 0].clamp_(0.0, 1.0).numpy()
+
+
+def render_overlay(e: Explanation, pixels: np.ndarray, *, opacity: float = 0.5,
+                   cmap: str = "inferno") -> np.ndarray:
+    """Draw an explanation over a scan at that scan's size (e.g. the full-resolution one
+    for a download, when ``explain`` drew it at display size).
+
+    Args:
+        e: the explanation (its model-resolution ``raw`` map is used).
+        pixels: (H, W) scan in [0, 1].
+        opacity / cmap: as in :func:`overlay`.
+
+    Returns:
+        (H, W, 3) uint8 RGB.
+    """
+    raw = torch.from_numpy(e.raw)
+    shown = raw.clamp(min=0) if e.signed else raw
+    heat = normalize_map(upsample_map(shown, tuple(pixels.shape)))
+    return overlay(pixels, heat, opacity=opacity, cmap=cmap)
+
+
 def _model_device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
@@ -133,6 +175,7 @@ def explain(
     faithfulness_steps: int = 16,
     faithfulness_patch: int | None = None,
     random_seeds: int = 3,
+    max_side: int | None = None,
     **method_options: Mapping[str, Any],
 ) -> ExplanationSet:
     """Explain the model's prediction on one scan with one or more methods.
@@ -153,6 +196,9 @@ def explain(
         faithfulness_patch: side of the cells removed/added together, in input pixels;
             default: one token's stride (4 for a 64-pixel input on a 16 x 16 grid).
         random_seeds: random maps averaged for the random AUCs.
+        max_side: draw maps and overlays with the scan scaled down so its longest side is
+            at most this (what a viewer shows; the model input is made from the full scan
+            either way); None: at the scan's resolution.
         method_options: per-method keyword arguments, e.g. ``rollout={"discard_ratio": 0.9}``,
             ``ig={"n_steps": 32}``.
 
@@ -178,7 +224,8 @@ def explain(
     device = _model_device(model)
     x = to_model_input(pixels, preprocess)[None].to(device)  # (1, 1, S, S)
     ctx = AttributionContext.from_preprocess(preprocess)
-    shape = pixels.shape
+    shape = display_shape(pixels.shape, max_side)
+    shown_pixels = shrink(pixels, shape)
     results: dict[str, Explanation] = {}
     input_maps: dict[str, torch.Tensor] = {}
 
@@ -189,8 +236,8 @@ def explain(
         heat = normalize_map(upsample_map(shown, shape))
         results[name] = Explanation(
             method=name, target=target, map=heat, raw=r.raw.numpy().astype(np.float32),
-            overlay=overlay(pixels, heat, opacity=opacity, cmap=cmap), seconds=time.perf_counter() - t0,
-            extras=r.extras)
+            overlay=overlay(shown_pixels, heat, opacity=opacity, cmap=cmap), seconds=time.perf_counter() - t0,
+            extras=r.extras, signed=r.signed)
         input_maps[name] = torch.from_numpy(upsample_map(shown, tuple(x.shape[-2:])))
         return r
 

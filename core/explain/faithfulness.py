@@ -135,6 +135,45 @@ def deletion_insertion(model: nn.Module, x: torch.Tensor, saliencies: Sequence[t
     return [(Curve(fr, np.r_[p_x, p[0], p_base]), Curve(fr, np.r_[p_start, p[1], p_x])) for p in inner]
 
 
+# Verdicts on a map beside the random maps' scores (see faithfulness_verdict).
+BETTER, NO_BETTER, WORSE = "better than random", "no better than random", "worse than random"
+VERDICT_MARGIN = 0.02
+
+
+def faithfulness_gain(scores: dict[str, float]) -> float:
+    """How much more a map's ordering moves the model than a random ordering does.
+
+    ``(insertion - deletion) - (random insertion - random deletion)``: positive when the
+    map's most-attributed cells take the probability away faster and give it back faster
+    than random cells. NaN when a score is missing.
+    """
+    keys = ("deletion_auc", "insertion_auc", "random_deletion_auc", "random_insertion_auc")
+    d, i, rd, ri = (float(scores.get(k, float("nan"))) for k in keys)
+    return (i - d) - (ri - rd)
+
+
+def faithfulness_verdict(scores: dict[str, float], margin: float = VERDICT_MARGIN) -> str | None:
+    """"better than random", "no better than random" or "worse than random".
+
+    The rule: a gain (:func:`faithfulness_gain`) above ``+margin`` is better than random,
+    below ``-margin`` worse, anything between no better (the random maps' own spread is
+    of that order on a 16-step curve).
+
+    Args:
+        scores: an explanation's ``faithfulness`` numbers.
+        margin: the band around the random maps' score that counts as no different.
+
+    Returns:
+        The verdict, or None when the map was not scored.
+    """
+    gain = faithfulness_gain(scores)
+    if np.isnan(gain):
+        return None
+    if gain > margin:
+        return BETTER
+    return WORSE if gain < -margin else NO_BETTER
+
+
 # ----------------------------------------------------------------------------- randomisation
 
 

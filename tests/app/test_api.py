@@ -30,13 +30,29 @@ def _view(client: Client, files: list[Path], preset: str = windows.FILE,
                           phi, api_name="/predict")
 
 
-def test_api_lists_named_endpoints(client: Client) -> None:
+PUBLIC = {"/predict", "/explain", "/start_finetune", "/job_status", "/cancel_job",
+          "/list_runs", "/run_details", "/load_model"}
+UNDOCUMENTED = {"/predict_batch", "/use_job_model", "/compare_runs", "/resume_run",
+                "/model_summary", "/use_default_model", "/preview_dataset", "/job_results"}
+INTERNAL = {"/show_scan", "/show_scan_phi", "/show_scan_window", "/show_scan_level",
+            "/show_scan_width", "/window_level", "/window_width", "/upload", "/upload_batch",
+            "/poll_job", "/list_runs_on_load", "/model_summary_after_use", "/fan_out",
+            "/explain_files", "/to_custom"}
+
+
+def test_api_lists_only_the_public_endpoints(client: Client) -> None:
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    for name in ("/predict", "/predict_batch", "/explain", "/show_scan", "/start_finetune",
-                 "/job_status", "/cancel_job", "/use_job_model", "/list_runs", "/run_details",
-                 "/compare_runs", "/resume_run", "/model_summary", "/load_model",
-                 "/use_default_model", "/preview_dataset"):
-        assert name in names, name
+    assert names == PUBLIC
+    text = client.view_api(print_info=False, return_format="str")
+    assert "/explain" in text and "/show_scan" not in text and "/window_level" not in text
+    # The internal events are not reachable by name at all (private), the unlisted ones are.
+    endpoints = {e.api_name: e for e in client.endpoints.values()}
+    for name in UNDOCUMENTED:
+        assert name in endpoints and endpoints[name].is_valid, name
+    assert not {n for n, e in endpoints.items() if e.is_valid} & INTERNAL
+    for name in ("/show_scan_phi", "/window_level", "/upload"):
+        with pytest.raises(ValueError, match="Cannot find a function"):
+            client.predict(api_name=name)
 
 
 def test_predict_dicom_hides_phi_by_default(client: Client, scans: dict[str, Path],
@@ -138,9 +154,11 @@ def test_unreadable_file_gives_a_readable_error(client: Client, scans: dict[str,
     assert str(scans["text"].parent) not in message
 
 
-def test_explain_returns_overlays_faithfulness_and_report(client: Client,
-                                                          scans: dict[str, Path]) -> None:
-    gallery, faith, downloads = client.predict(
+def test_explain_returns_overlays_with_verdicts(client: Client,
+                                               scans: dict[str, Path]) -> None:
+    from lungvit.core.explain.faithfulness import BETTER, NO_BETTER, WORSE
+
+    gallery, faith = client.predict(
         [handle_file(str(scans["dicom"]))], None, windows.FILE, None, None,
         ["Attention rollout", "Grad-CAM"], "lung-normal", 0.6, api_name="/explain")
     assert len(gallery) == 2
@@ -150,27 +168,57 @@ def test_explain_returns_overlays_faithfulness_and_report(client: Client,
     assert Path(gallery[0]["image"]).name == "chest-rollout.png"  # what a download is named
     rows = faith["data"]
     assert [r[0] for r in rows] == ["rollout", "gradcam"]
-    assert all(r[1] == "lung-normal" and 0 <= r[2] <= 1 and 0 <= r[4] <= 1 for r in rows)
-    names = [Path(d).name for d in downloads]
-    assert names == ["chest-rollout.png", "chest-gradcam.png", "chest-report.html"]
-    report = Path(downloads[-1]).read_text()
-    assert "data:image/png;base64," in report and "tiny.safetensors" in report
-    assert PHI_NAME not in report and "SENTINEL-42" not in report
+    assert all(r[1] == "lung-normal" and 0 <= r[3] <= 1 and 0 <= r[5] <= 1 for r in rows)
+    for row, item in zip(rows, gallery):
+        assert row[2] in (BETTER, NO_BETTER, WORSE)
+        assert item["caption"].split(": ", 1)[1].startswith(row[2] + ";")
     with pytest.raises(AppError, match="at least one"):
         client.predict([handle_file(str(scans["dicom"]))], None, windows.FILE, None, None,
                        [], "Predicted class", 0.5, api_name="/explain")
 
 
-def test_overlay_panels_show_each_map_with_its_numbers() -> None:
+def test_explain_files_are_made_on_request(running_app: tuple[str, object],
+                                           scans: dict[str, Path],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The full-resolution overlays and the report come from their own (private) event,
+    reusing the explanation the explain event made."""
+    import lungvit.core.explain as core_explain
+    from lungvit.app import handlers
+
+    ctx = running_app[1]
+    args = ([str(scans["dicom"])], None, windows.FILE, None, None,
+            ["Attention rollout", "Grad-CAM"], "lung-normal", 0.6)
+    handlers.explain_scan(ctx, *args)
+    calls: list[int] = []
+    real = core_explain.explain
+    monkeypatch.setattr(core_explain, "explain",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    downloads = handlers.explain_files(ctx, *args)
+    assert calls == []  # the explanation was reused
+    names = [Path(d).name for d in downloads]
+    assert names == ["chest-rollout.png", "chest-gradcam.png", "chest-report.html"]
+    assert np.asarray(Image.open(downloads[0])).shape[:2] == (96, 80)
+    report = Path(downloads[-1]).read_text()
+    assert "data:image/png;base64," in report and "tiny.safetensors" in report
+    assert "than random" in report
+    assert PHI_NAME not in report and "SENTINEL-42" not in report
+
+
+def test_overlay_panels_show_each_map_with_its_verdict_and_numbers() -> None:
     from lungvit.app.ui_predict import SLOTS, fan_out
 
-    caption = "Grad-CAM for lung-normal: deletion AUC 0.100 (random 0.200, lower is better)"
-    updates = fan_out([("a.png", "Attention rollout for lung-normal: deletion AUC 0.300"),
-                       ("b.png", caption)])
+    numbers = "deletion AUC 0.100 (random 0.200, lower is better)"
+    updates = fan_out([("a.png", "Attention rollout for lung-normal: better than random; "
+                                 "deletion AUC 0.300"),
+                       ("b.png", f"Grad-CAM for lung-normal: worse than random; {numbers}")])
     shown, images, captions = updates[:SLOTS], updates[SLOTS:2 * SLOTS], updates[2 * SLOTS:]
     assert [u["visible"] for u in shown] == [True, True] + [False] * (SLOTS - 2)
     assert images[1]["value"] == "b.png" and images[1]["label"] == "Grad-CAM for lung-normal"
-    assert captions[1]["value"] == "deletion AUC 0.100 (random 0.200, lower is better)"
+    # A map no better than random is marked (a class the page draws in red, a sign).
+    assert "unfaithful" in shown[1]["elem_classes"]
+    assert "faithful" in shown[0]["elem_classes"]
+    assert captions[1]["value"] == f"**\u26a0 worse than random**: {numbers}"
+    assert captions[0]["value"] == "**better than random**: deletion AUC 0.300"
     assert all(u["value"] is None for u in images[2:])
     assert len(fan_out(None)) == 3 * SLOTS
 
@@ -278,3 +326,26 @@ def test_finetune_to_completion_and_use(client: Client, tmp_path: Path,
     assert "model.safetensors" in banner and "3 classes" in banner
     with open_store(running_app[1].paths.db_url) as store:  # type: ignore[attr-defined]
         assert any(c.promoted for c in store.checkpoints(job_id))
+
+
+def test_the_readme_example_runs_as_written(running_app: tuple[str, object],
+                                            scans: dict[str, Path], tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's gradio_client example, run verbatim against the app (its URL and
+    file name swapped for the test's)."""
+    import re
+    import shutil
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"### The API.*?```python\n(.*?)```", readme, re.S).group(1)
+    assert 'api_name="/predict"' in code and 'api_name="/explain"' in code
+    shutil.copy(scans["dicom"], tmp_path / "chest.dcm")
+    monkeypatch.chdir(tmp_path)
+    code = code.replace("http://127.0.0.1:7860/", running_app[0])
+    printed: list[str] = []
+    namespace = {"print": lambda *a: printed.append(" ".join(map(str, a)))}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+    labels = running_app[1].holder.get().labels  # type: ignore[attr-defined]
+    assert namespace["probs"]["label"] in labels
+    assert len(namespace["overlays"]) == 2 and len(namespace["faithfulness"]["data"]) == 2
+    assert any("than random;" in line for line in printed)

@@ -119,6 +119,20 @@ def test_predict_and_explain_in_browser(page: object, phantom_dicom: Path, shots
     assert box is not None and min(box["width"], box["height"]) >= 200, box
     sync_api.expect(pg.locator("#explanations")).to_contain_text("deletion AUC")
     sync_api.expect(pg.locator("#explanations")).to_contain_text("insertion AUC")
+    # Each map carries its verdict; one that is not better than random is framed in red.
+    sync_api.expect(pg.locator("#explanations")).to_contain_text("than random")
+    panel = pg.locator("#explanations .overlay").first
+    caption = panel.locator(".prose.overlay-caption").inner_text()
+    framed = panel.evaluate("el => getComputedStyle(el).borderTopColor")
+    if caption.strip().startswith("better than random"):
+        assert "unfaithful" not in panel.get_attribute("class")
+    else:
+        assert "unfaithful" in panel.get_attribute("class") and framed == "rgb(220, 38, 38)"
+    # The full-resolution files are made only when asked for.
+    downloads = pg.locator("#downloads")
+    sync_api.expect(downloads).not_to_contain_text("-report")
+    pg.locator("#explain-files-button").click()
+    sync_api.expect(downloads).to_contain_text("-report")
     pg.wait_for_timeout(500)  # let the panel's image finish painting before the screenshot
     pg.screenshot(path=str(shots / "predict-explain.png"), full_page=True)
 

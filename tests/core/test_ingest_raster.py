@@ -143,3 +143,28 @@ def test_png_named_jpg_is_read_with_a_warning(tmp_path):
     scan = load_scan(path)
     assert scan.meta.source_format == "png"
     assert any(".jpg" in w and "PNG" in w for w in scan.meta.warnings)
+
+
+def test_named_windows_are_computed_from_the_image():
+    rng = np.random.default_rng(3)
+    gray = rng.integers(40, 200, (50, 60)).astype(np.uint8)
+    gray[0, 0], gray[-1, -1] = 0, 255  # lone outliers the percentile window ignores
+    data = _png(gray)
+    lo, hi = np.percentile(gray.astype(np.float64), [0.5, 99.5])
+    auto = load_scan(data, window="auto")
+    assert auto.meta.window["range"] == "auto" and auto.meta.window["source"] == "override"
+    np.testing.assert_allclose(auto.pixels, np.clip((gray - lo) / (hi - lo), 0, 1), atol=1e-5)
+    full = load_scan(data, window="minmax")
+    np.testing.assert_allclose(full.pixels, gray / 255.0, atol=1e-5)
+    blank = load_scan(_png(np.full((8, 8), 90, np.uint8)), window="auto")
+    assert blank.meta.window["kind"] == "full_range"  # the file's own window was kept
+    assert any("same value" in w for w in blank.meta.warnings)
+    with pytest.raises(ValueError, match="auto"):
+        load_scan(data, window="percentile")
+
+
+def test_colour_note_only_when_the_image_had_colour():
+    gray = np.arange(200, dtype=np.uint8).reshape(10, 20)
+    assert not any("luminance" in w for w in load_scan(_png(np.stack([gray] * 3, -1))).meta.warnings)
+    rgb = np.stack([gray, gray // 2, gray // 4], axis=-1)
+    assert any("luminance" in w for w in load_scan(_png(rgb)).meta.warnings)

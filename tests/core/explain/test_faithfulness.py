@@ -16,7 +16,7 @@ from lungvit.core.explain.faithfulness import (
     spearman,
     target_probs,
 )
-from lungvit.core.preprocess import to_model_input
+from lungvit.core.preprocess import resize_pixels, to_model_input
 
 from .conftest import TrainedPhantomModel, lesion_phantoms
 
@@ -178,3 +178,48 @@ def test_deletion_auc_beats_random(phantom_explanations, method: str) -> None:
     own = [es[method].faithfulness["deletion_auc"] for _, es in phantom_explanations]
     rand = [es[method].faithfulness["random_deletion_auc"] for _, es in phantom_explanations]
     assert np.mean(own) < np.mean(rand), (method, own, rand)
+
+
+def _scores(trained: TrainedPhantomModel, phantom: object, saliency: torch.Tensor) -> dict[str, float]:
+    """The faithfulness numbers explain() reports, for a map given at input resolution."""
+    from lungvit.core.explain.attributions import AttributionContext, blur
+
+    x = to_model_input(phantom.image, trained.preprocess)[None]  # (1, 1, S, S)
+    s = tuple(x.shape[-2:])
+    ctx = AttributionContext.from_preprocess(trained.preprocess)
+    curves = deletion_insertion(trained.model, x, [saliency, *random_maps(s, range(3))], phantom.label_index,
+                                baseline=ctx.baseline(x), start=blur(x, sigma=s[-1] / 8), steps=16, patch=4)
+    (d, i), rand = curves[0], curves[1:]
+    return {"deletion_auc": d.auc, "insertion_auc": i.auc,
+            "random_deletion_auc": float(np.mean([r.auc for r, _ in rand])),
+            "random_insertion_auc": float(np.mean([r.auc for _, r in rand]))}
+
+
+def test_verdict_says_a_lesion_map_is_better_than_random_and_its_inverse_is_not(
+        phantom_model: TrainedPhantomModel) -> None:
+    """On COVID phantoms, whose lesions the model learned to use, the lesion mask itself (the
+    map an ideal explainer would draw) is judged better than random and the inverted mask
+    worse. (On opacity phantoms the small bright lesion is not what this model's probability
+    rests on: blacking it out first does not lower it, so the mask is no test there.)"""
+    from lungvit.core.explain.faithfulness import BETTER, WORSE, faithfulness_gain, faithfulness_verdict
+
+    covid = [p for p in lesion_phantoms(phantom_model, 3) if p.label == "lung-covid"]
+    assert len(covid) == 3
+    for p in covid:
+        mask = torch.from_numpy(p.mask.astype(np.float32))
+        good = resize_pixels(mask, phantom_model.preprocess.input_size)  # (S, S), as the input
+        scores = _scores(phantom_model, p, good)
+        inverted = _scores(phantom_model, p, 1.0 - good)
+        assert faithfulness_verdict(scores) == BETTER, (p.label, faithfulness_gain(scores))
+        assert faithfulness_verdict(inverted) == WORSE, (p.label, faithfulness_gain(inverted))
+
+
+def test_verdict_rule() -> None:
+    from lungvit.core.explain.faithfulness import BETTER, NO_BETTER, WORSE, faithfulness_verdict
+
+    base = {"random_deletion_auc": 0.5, "random_insertion_auc": 0.5}
+    assert faithfulness_verdict({**base, "deletion_auc": 0.4, "insertion_auc": 0.6}) == BETTER
+    assert faithfulness_verdict({**base, "deletion_auc": 0.49, "insertion_auc": 0.505}) == NO_BETTER
+    assert faithfulness_verdict({**base, "deletion_auc": 0.51, "insertion_auc": 0.48}) == WORSE
+    assert faithfulness_verdict({**base, "deletion_auc": 0.49, "insertion_auc": 0.5}, margin=0.005) == BETTER
+    assert faithfulness_verdict({}) is None
