@@ -172,8 +172,8 @@ VARIANTS: dict[str, ModelConfig] = {
 # test accuracy on all nine classes, the 5 M-parameter variants 20-24% (2-5 epochs in that
 # budget), and it is also the fastest per scan. It is what `lungvit train` builds when no
 # variant or base model is named, and the phantom demo model's variant. The bundled real-data
-# model is lungvit_t128 (chosen on real scans: bench/RESULTS-realdata-variants.md); training a
-# new model on real scans, name it (--variant lungvit_t128) or fine-tune from the bundled one.
+# model is lungvit_t224 (chosen on real scans: bench/RESULTS-realdata-variants.md); training a
+# new model on real scans, name it (--variant lungvit_t224) or fine-tune from the bundled one.
 DEFAULT_VARIANT = "lungvit_tiny"
 
 
