@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from lungvit.app.state import AppContext
 
 EXIT_USAGE = 2
+EXIT_ERROR = 3  # the store or another resource refused (as the lungvit CLI's exit 3)
 log = logging.getLogger("lungvit.app")
 
 
@@ -169,7 +170,8 @@ def _warm_up(context: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``lungvit-app``; returns the exit code (2: unsafe or invalid options)."""
+    """Run ``lungvit-app``; returns the exit code (2: unsafe or invalid options; 3: the store
+    named by --db cannot be used)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own startup probes
@@ -204,8 +206,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_unpack_limit(int(args.max_unpacked * 2**30))
     # Uploads, unpacked scans, the store, run folders and the job processes' files are the
     # user's only (600/700), whatever the umask.
-    with owner_only_files():
-        return _run(args, auth, policy)
+    from lungvit.core.errors import LungViTError
+
+    try:
+        with owner_only_files():
+            return _run(args, auth, policy)
+    except LungViTError as exc:  # e.g. a --db URL that is wrong or a server that refuses
+        print(f"lungvit-app: {exc}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def _run(args: argparse.Namespace, auth: list[tuple[str, str]] | None,

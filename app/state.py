@@ -279,14 +279,13 @@ def make_context(model: str | Path | None = None, *, db_url: str | None = None,
     Returns:
         An :class:`AppContext`.
     """
-    from sqlalchemy.engine import make_url
-
     from lungvit.training.store import default_data_dir
+    from lungvit.training.store.engine import parse_store_url
 
     root = Path(data_dir).expanduser().resolve() if data_dir else default_data_dir()
     root.mkdir(parents=True, exist_ok=True)
     url = db_url or f"sqlite:///{root / 'lungvit.db'}"
-    parsed = make_url(url)
+    parsed = parse_store_url(url)  # StoreError: a URL the store cannot use, said in one line
     db_file = (Path(parsed.database).expanduser().resolve()
                if parsed.drivername.startswith("sqlite") and parsed.database
                not in (None, "", ":memory:") else None)

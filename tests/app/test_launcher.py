@@ -109,3 +109,15 @@ def test_stale_upload_caches_are_removed_unless_in_use(tmp_path: Path) -> None:
     removed = remove_stale_uploads(tmp_path, keep=[in_use / "lungvit" / "datasets" / "d"])
     assert removed == [dead] and not dead.exists()
     assert in_use.is_dir() and running.is_dir() and other.is_dir()
+
+
+@pytest.mark.parametrize("url", ["foo://somewhere/x", "not a url"])
+def test_a_wrong_store_url_is_one_line_and_exit_3(url: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """As for the lungvit CLI: the app names what to fix in one line and writes nothing."""
+    monkeypatch.setenv("LUNGVIT_HOME", str(tmp_path / "home"))
+    assert main(["--db", url, "--port", "0"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lungvit-app: --db") and "use sqlite" in err[0], err
+    assert not list((tmp_path / "home").rglob("*.db"))
