@@ -138,9 +138,21 @@ def _eta(job: Any, series: dict[str, list[tuple[int, float]]], total: int | None
 
 
 def _expected_total(job: Any) -> int | None:
-    train = (job.resolved_config or {}).get("train", {})
-    value = train.get("max_steps")
+    """The optimizer steps the job's attempt expects (recorded by the job process)."""
+    resolved = job.resolved_config or {}
+    value = resolved.get("expected_steps") or (resolved.get("train") or {}).get("max_steps")
     return int(value) if value else None
+
+
+def progress_bar(steps: int, total: int | None, width: int = 20) -> str:
+    """A text progress bar with percent and steps, e.g. ``▰▰▰▱▱ 60% (step 6 of 10)``;
+    empty when the total is unknown."""
+    if not total:
+        return ""
+    done = min(max(steps, 0), total)
+    filled = round(width * done / total)
+    return (f"{'▰' * filled}{'▱' * (width - filled)} {done / total:.0%} "
+            f"(step {done} of {total})")
 
 
 @user_errors
@@ -162,9 +174,13 @@ def job_status(ctx: AppContext, job_id: float | None) -> tuple[str, Any, str, di
     acc = [v for _, v in series.get("val/acc", []) if not math.isnan(v)]
     if acc:
         last_epoch = f", validation accuracy {acc[-1]:.1%}"
-    eta = _eta(job, series, _expected_total(job)) if job.status == "running" else ""
+    total = _expected_total(job)
+    eta = _eta(job, series, total) if job.status == "running" else ""
     text = (f"**Job {job.id}: {job.status}** (attempt {job.attempt}), step {step}"
             f"{last_epoch}{eta}")
+    bar = progress_bar(step, total) if job.status == "running" else ""
+    if bar:
+        text += f"\n\n`{bar}`"
     if job.error_text:
         text += "\n\n" + html.escape(job.error_text.strip().splitlines()[-1])
     log_text = "\n".join(f"{e.ts:%H:%M:%S} {e.message}" for e in events[-12:])

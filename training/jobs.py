@@ -396,7 +396,9 @@ def _run(store: Store, job_id: int, request: JobRequest, url: str, heartbeat_s: 
     store.add_event(job_id, f"data: {len(dm.classes)} classes, train/val/test "
                             f"{'/'.join(str(len(dm.splits[s])) for s in ('train', 'val', 'test'))}"
                             f", {len(dm.unreadable)} unreadable")
-    resolved = {**request.to_dict(), "train": cfg.to_dict()}
+    expected_steps = _expected_steps(cfg, len(dm.splits["train"]), request.workers)
+    # Recorded with the attempt, so that a watcher (the app) can draw a progress bar.
+    resolved = {**request.to_dict(), "train": cfg.to_dict(), "expected_steps": expected_steps}
     spec = ray_launcher.TrainSpec(
         train_config=cfg.to_dict(), job_id=job_id, db_url=url, workers=request.workers,
         use_gpu=request.use_gpu, resources_per_worker=request.worker_resources(),
@@ -419,7 +421,7 @@ def _run(store: Store, job_id: int, request: JobRequest, url: str, heartbeat_s: 
                                       expect_attempt=seen_attempt)
         log.info("job %d attempt %d on Ray at %s", job_id, attempt, cluster.address)
         watcher = _Watcher(store, job_id, heartbeat_s, ray_launcher.abort_training, progress,
-                           _expected_steps(cfg, len(dm.splits["train"]), request.workers))
+                           expected_steps)
         previous = signal.signal(signal.SIGTERM, lambda *_: ray_launcher.abort_training())
         watcher.start()
         try:

@@ -77,6 +77,8 @@ def test_train_on_ray_lands_in_the_store(tmp_path: Path, dicom_data: Path, cache
     # Metrics: every optimizer step once, every evaluation once, nothing else.
     steps = int(job.final_metrics["steps"])
     assert steps % EPOCHS == 0 and steps >= EPOCHS
+    # The steps the attempt expected (the app's progress bar): no early stop, so all taken.
+    assert job.resolved_config["expected_steps"] == steps
     keys = [(step, name) for name, points in series.items() for step, _ in points]
     assert len(keys) == len(set(keys))
     assert set(keys) == expected_metric_keys(steps, steps // EPOCHS)
