@@ -142,3 +142,17 @@ class PostgresServer:
                 self._run(str(self.bin / "pg_ctl"), "stop", "-m", "immediate",
                           "-D", str(self.data), timeout=60)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def table_names(url: str) -> set[str]:
+    """The tables of the database at ``url`` (SQLite or PostgreSQL), read on a fresh
+    connection (what another process would see)."""
+    from sqlalchemy import create_engine, inspect
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            return set(inspect(conn).get_table_names())
+    finally:
+        engine.dispose()

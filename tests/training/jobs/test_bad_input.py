@@ -8,10 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, inspect
-from sqlalchemy.pool import NullPool
-
 from lungvit.core.cli import main as lungvit
+from tests._postgres import table_names as tables
 
 FORMS = "sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE"
 
@@ -42,14 +40,6 @@ def train(data: Path, tmp_path: Path, *extra: str) -> list[str]:
     return ["train", "--data", str(data), "--out", str(tmp_path / "m.safetensors"),
             "--workers", "2", *extra]
 
-
-def tables(url: str) -> set[str]:
-    engine = create_engine(url, poolclass=NullPool)
-    try:
-        with engine.connect() as conn:
-            return set(inspect(conn).get_table_names())
-    finally:
-        engine.dispose()
 
 
 @pytest.mark.parametrize(("url", "says"), [

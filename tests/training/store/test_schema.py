@@ -3,16 +3,18 @@ backend's connection settings."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, create_engine, event, inspect
-from sqlalchemy.pool import NullPool
+from sqlalchemy import Engine, event
 
 from lungvit.training.store import (LATEST_VERSION, SchemaVersionError, StoreError,
                                     default_db_path, default_db_url, open_store)
 from lungvit.training.store.engine import MIGRATIONS, _enable_wal
+from tests._postgres import table_names
 
 from .conftest import sql
 
@@ -29,13 +31,16 @@ def _version_rows(url: str) -> list[tuple]:
     return sql(url, "SELECT id, version, updated_at FROM schema_version")
 
 
-def _tables(url: str) -> set[str]:
-    engine = create_engine(url, poolclass=NullPool)
+@contextmanager
+def recorded_statements() -> Iterator[list[str]]:
+    """The SQL statements every engine executes inside the block."""
+    statements: list[str] = []
+    record = lambda conn, cur, stmt, *a: statements.append(stmt)  # noqa: E731
+    event.listen(Engine, "before_cursor_execute", record)
     try:
-        with engine.connect() as conn:
-            return set(inspect(conn).get_table_names())
+        yield statements
     finally:
-        engine.dispose()
+        event.remove(Engine, "before_cursor_execute", record)
 
 
 def test_fresh_database_gets_every_table_and_the_latest_version(db_url: str, backend: str,
@@ -44,7 +49,7 @@ def test_fresh_database_gets_every_table_and_the_latest_version(db_url: str, bac
     if backend == "sqlite":
         url = f"sqlite:///{tmp_path / 'sub' / 'dir' / 'lungvit.db'}"  # folders created too
     open_store(url).close()
-    assert _tables(url) == TABLES
+    assert table_names(url) == TABLES
     rows = _version_rows(url)
     assert [(r[0], r[1]) for r in rows] == [(1, LATEST_VERSION)]
     assert LATEST_VERSION == len(MIGRATIONS) >= 1
@@ -53,13 +58,8 @@ def test_fresh_database_gets_every_table_and_the_latest_version(db_url: str, bac
 def test_reopening_is_a_no_op(db_url: str) -> None:
     open_store(db_url).close()
     before = _version_rows(db_url)
-    statements: list[str] = []
-    record = lambda conn, cur, stmt, *a: statements.append(stmt)  # noqa: E731
-    event.listen(Engine, "before_cursor_execute", record)
-    try:
+    with recorded_statements() as statements:
         open_store(db_url).close()
-    finally:
-        event.remove(Engine, "before_cursor_execute", record)
     assert _version_rows(db_url) == before
     assert statements and "BEGIN IMMEDIATE" not in statements  # read the version, no more
     assert not [s for s in statements if s.split()[0].upper() in ("CREATE", "INSERT", "UPDATE")
@@ -111,13 +111,8 @@ def test_postgresql_connection_settings(store, db_url: str) -> None:
 
 @POSTGRESQL_ONLY
 def test_migrating_postgresql_takes_the_advisory_lock(db_url: str) -> None:
-    statements: list[str] = []
-    record = lambda conn, cur, stmt, *a: statements.append(stmt)  # noqa: E731
-    event.listen(Engine, "before_cursor_execute", record)
-    try:
+    with recorded_statements() as statements:
         open_store(db_url).close()
-    finally:
-        event.remove(Engine, "before_cursor_execute", record)
     lock = next(i for i, s in enumerate(statements) if "pg_advisory_xact_lock" in s)
     create = next(i for i, s in enumerate(statements) if s.lstrip().startswith("CREATE TABLE"))
     assert lock < create
@@ -177,7 +172,7 @@ def test_empty_database_is_not_initialised_without_create(db_url: str, backend: 
         Path(_file(db_url)).touch()
     with pytest.raises(StoreError, match="no LungViT store"):
         open_store(db_url, create=False)
-    assert _tables(db_url) == set()
+    assert table_names(db_url) == set()
 
 
 def test_newer_schema_is_refused(db_url: str) -> None:
@@ -212,7 +207,7 @@ def _race_to_create(url: str, workers) -> None:
     results = [workers.result(p) for p in procs]
     assert all("errors" not in r for r in results), results
     assert all(r["lock_retries"] == 0 for r in results), results
-    assert _tables(url) == TABLES
+    assert table_names(url) == TABLES
     assert [r[:2] for r in _version_rows(url)] == [(1, LATEST_VERSION)]
 
 
