@@ -4,7 +4,7 @@
                                         [--model PATH | --variant NAME] [--user-path]
 
 By default this measures the app as shipped: ``lungvit-app`` with its defaults, serving the
-bundled demo model (lungvit_tiny, 64 px). ``--model`` serves a checkpoint file instead;
+bundled default model (``assets/lungvit-real.safetensors``). ``--model`` serves a checkpoint file instead;
 ``--variant`` an untrained model of a registered variant (latency does not depend on the
 weights), e.g. ``--variant lungvit_ref64`` for the reference configuration.
 
@@ -102,10 +102,10 @@ def served_model(args: argparse.Namespace, tmp: Path) -> tuple[Path | None, str]
 
     bundled = bundled_model_path()
     if bundled is None:
-        raise SystemExit("the bundled demo model is not installed; pass --model or --variant")
+        raise SystemExit("the bundled model is not installed; pass --model or --variant")
     from lungvit.core.checkpoint import read_checkpoint_info
 
-    return None, f"bundled demo model ({read_checkpoint_info(bundled).variant})"
+    return None, f"bundled model ({read_checkpoint_info(bundled).variant})"
 
 
 def bench_load(args: argparse.Namespace, tmp: Path, model: Path | None) -> dict[str, object]:
@@ -284,7 +284,7 @@ def main() -> None:
     p.add_argument("--cores", type=int, default=2, help="CPU cores the app may use")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--model", metavar="PATH",
-                       help="serve this checkpoint (default: the bundled demo model)")
+                       help="serve this checkpoint (default: the bundled model)")
     which.add_argument("--variant", metavar="NAME",
                        help="serve an untrained model of this variant, e.g. lungvit_ref64")
     p.add_argument("--user-path", action="store_true",
