@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -188,13 +189,28 @@ def job_status(ctx: AppContext, job_id: float | None) -> tuple[str, Any, str, di
         active=job.status in ACTIVE)
 
 
+CANCEL_WAIT_S = 5.0  # how long Cancel waits to say "cancelled" (a job stops in about 2 s)
+
+
 @user_errors
 def cancel_job(ctx: AppContext, job_id: float | None) -> str:
-    """Ask a job to stop (its process stops within seconds)."""
+    """Ask a job to stop and wait, up to :data:`CANCEL_WAIT_S`, for it to have stopped.
+
+    Returns:
+        "Job N: cancelled." once the job process has stopped its workers and recorded it,
+        else "Cancel requested for job N (now STATUS)." (a job that ended otherwise, or is
+        still stopping).
+    """
     if not job_id:
         raise gr.Error("No job to cancel")
     with _store(ctx) as store:
-        status = store.request_cancel(int(job_id))
+        status = str(store.request_cancel(int(job_id)))
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        while status in ACTIVE and time.monotonic() < deadline:
+            time.sleep(0.1)
+            status = str(store.get_job(int(job_id)).status)
+    if status == "cancelled":
+        return f"Job {int(job_id)}: cancelled."
     return f"Cancel requested for job {int(job_id)} (now {status})."
 
 

@@ -434,7 +434,9 @@ def _run(store: Store, job_id: int, request: JobRequest, url: str, heartbeat_s: 
         finally:
             watcher.stop()
             signal.signal(signal.SIGTERM, previous)
-    return _finish(store, job_id, watcher, error)
+        # Written before the local Ray cluster shuts down (a few seconds): a cancelled job
+        # shows as cancelled as soon as its workers are gone (Ray's abort stopped them).
+        return _finish(store, job_id, watcher, error)
 
 
 def latest_resumable(store: Store, job_id: int) -> str | None:

@@ -107,8 +107,10 @@ def test_a_job_started_in_one_app_is_watched_and_cancelled_from_the_other(
     step = re.compile(rf"\*\*Job {job_id}: running\*\* \(attempt 1\), step (\d+)")
     wait(lambda: (m := step.search(status_of(b, job_id))) and int(m.group(1)) >= 2, 300,
          "the job to train a few steps, seen from the other app")
-    assert b.predict(job_id, api_name="/cancel_job") == (
-        f"Cancel requested for job {job_id} (now running).")
+    # Cancel waits up to CANCEL_WAIT_S for the job to stop: the usual answer is "cancelled";
+    # a job still stopping (a loaded machine) is reported as running.
+    assert b.predict(job_id, api_name="/cancel_job") in (
+        f"Job {job_id}: cancelled.", f"Cancel requested for job {job_id} (now running).")
 
     # The app that started it sees it stop, and so does the store.
     wait(lambda: f"**Job {job_id}: cancelled**" in status_of(a, job_id), 120,
