@@ -488,7 +488,7 @@ def run_cli_job(cfg: TrainConfig, opts: argparse.Namespace) -> int:
     A wrong ``--db`` URL or a Ray cluster that does not answer (or refuses the token) is an
     error before anything is written to the store.
     """
-    from lungvit.training.ray_launcher import check_address
+    from lungvit.training.ray_address import check_address
     from lungvit.training.store.engine import parse_store_url
 
     url = _url(opts.db)
