@@ -360,6 +360,44 @@ def explain_files(ctx: AppContext, files: Sequence[Any] | None, selected: str | 
     return downloads
 
 
+@user_errors
+def view_scan(ctx: AppContext, files: Sequence[Any] | None, selected: str | None,
+              preset: str, center: float | None, width: float | None) -> dict[str, Any]:
+    """The zoomable viewer's value for the scan shown (no map yet); the scan comes from
+    the cache that :func:`show_scan` filled."""
+    from lungvit.app.viewer import viewer_value
+
+    path = _pick(ctx, _files(ctx, files), selected)
+    shown = _windowed(ctx, path, preset, center, width)
+    return viewer_value(_display(shown.scan.pixels), _caption(ctx, path, shown))
+
+
+@user_errors
+def view_maps(ctx: AppContext, files: Sequence[Any] | None, selected: str | None,
+              preset: str, center: float | None, width: float | None,
+              methods: Sequence[str] | None, target: str | None, opacity: float,
+              choice: str | None = None) -> dict[str, Any]:
+    """The viewer's value after Explain: the scan beside each map's colour layer (the
+    explanation comes from the cache that :func:`explain_scan` filled; the browser blends
+    the layer at the slider's opacity)."""
+    from lungvit.app.viewer import viewer_value
+    from lungvit.core.explain import render_overlay
+
+    served, path, scan, result = _explained(ctx, files, selected, preset, center, width,
+                                            methods, target, choice)
+    shown = _display(scan.pixels)
+    small = shown.astype(np.float32) / 255.0
+    label = served.labels[result.target]
+    layers = [(f"{METHOD_NAMES.get(e.method, e.method)} for {label}: {verdict_of(e.faithfulness)}",
+               render_overlay(e, small, opacity=1.0)) for e in result]
+    shown_as = _windowed(ctx, path, preset, center, width)
+    return viewer_value(shown, _caption(ctx, path, shown_as), layers, float(opacity))
+
+
+def _caption(ctx: AppContext, path: Path, shown: Windowed) -> str:
+    return f"{display_name(path, ctx.unpack_dir())}: {shown.preset}"
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 

@@ -9,6 +9,7 @@ import gradio as gr
 from lungvit.app import handlers as h
 from lungvit.app import windows as w
 from lungvit.app.state import AppContext
+from lungvit.app.viewer import build_viewer
 from lungvit.core.explain.faithfulness import BETTER
 
 MODEL = "model"  # concurrency group of every event that runs the network
@@ -94,9 +95,13 @@ def build_predict_tab(ctx: AppContext, model_limit: int, model_state: gr.State
                                    visible=ctx.policy.phi_allowed)
         with gr.Column(scale=2):
             with gr.Row():
+                # The /predict API returns the shown scan as a PNG (this hidden image); the
+                # page shows it in the zoomable viewer, beside its map once explained.
                 viewer = gr.Image(label="What the model saw (after windowing)", type="numpy",
-                                  format="png", interactive=False, height=340,
-                                  elem_id="scan-viewer")
+                                  format="png", interactive=False, visible="hidden")
+                with gr.Column(scale=1, min_width=300):
+                    gr.Markdown("**What the model saw** (after windowing)")
+                    zoomable = build_viewer(elem_id="scan-viewer")
                 model_input = gr.Image(label="Model input", type="numpy", format="png",
                                        interactive=False, height=220, min_width=220,
                                        scale=0, elem_id="model-input")
@@ -153,20 +158,25 @@ def build_predict_tab(ctx: AppContext, model_limit: int, model_state: gr.State
     view_inputs = [files, selected, *window_inputs, show_phi, model_state]
     batch = partial(h.predict_batch, ctx)
     batch_io = ([files, *window_inputs, model_state], [table, table_csv, selected])
+    # After each view, the zoomable viewer shows the scan (from the cache the view filled).
+    zoom = (partial(h.view_scan, ctx), [files, selected, *window_inputs], zoomable)
     run.click(batch, *batch_io, api_name="predict_batch", api_visibility="undocumented",
-              **common).success(view, view_inputs, view_outputs, api_name="predict", **common)
+              **common).success(view, view_inputs, view_outputs, api_name="predict", **common
+                                ).success(*zoom, **private)
     files.upload(batch, *batch_io, **private, **common).success(
-        view, view_inputs, view_outputs, **private, **common)
+        view, view_inputs, view_outputs, **private, **common).success(*zoom, **private)
     for event in (selected.input, show_phi.input, preset.input):
-        event(view, view_inputs, view_outputs, **private, **common)
+        event(view, view_inputs, view_outputs, **private, **common).success(*zoom, **private)
     for box in (center, width):
         box.submit(to_custom, None, preset, queue=False, **private).then(
-            view, view_inputs, view_outputs, **private, **common)
+            view, view_inputs, view_outputs, **private, **common).success(*zoom, **private)
     explain_inputs = [files, selected, *window_inputs, methods, target, opacity, model_state]
     explain.click(partial(h.explain_scan, ctx), explain_inputs, [gallery, faith],
                   api_name="explain", **common
                   ).success(fan_out, gallery, [*panels, *images, *captions], queue=False,
-                            **private)
+                            **private
+                            ).success(partial(h.view_maps, ctx), explain_inputs, zoomable,
+                                      **private)
     make_files.click(partial(h.explain_files, ctx), explain_inputs, downloads, **private,
                      **common)
     return target, covered

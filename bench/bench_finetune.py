@@ -15,7 +15,8 @@ fine-tune never saw:
    scored per source on that source's unseen scans).
 3. The fine-tune is ``lungvit.training.fit.fit`` from the base with the default transfer
    policy (``--transfer`` to force one; several, comma-separated, are run one after the
-   other on the same split).
+   other on the same split) and the base's share of the kept weights ``--base-mix``
+   (``TrainConfig.base_mix``; several, comma-separated, likewise).
 4. Both models then read, through the app's decoding path (:class:`Predictor`), up to
    ``--eval-per-class`` unseen scans per class from the training sources (patients not
    used in the fine-tune at all) and up to as many scans of the held-out source. The base
@@ -244,19 +245,24 @@ def run(args: argparse.Namespace, argv: list[str]) -> str:
              f"{args.seed}, basic augmentation, best validation loss kept.  ",
              f"Scans the base trained or validated on ({args.base_split}): {excluded} left out."
              if args.base_split else _caution(base_info, args.data), ""]
-    for policy in args.transfer.split(","):
-        cfg = TrainConfig(data=str(work / "data"), out=str(work / f"tuned-{policy}.safetensors"),
+    runs = [(policy, float(mix)) for policy in args.transfer.split(",")
+            for mix in args.base_mix.split(",")]
+    for policy, mix in runs:
+        tag = f"{policy}-mix{mix:g}"
+        cfg = TrainConfig(data=str(work / "data"), out=str(work / f"tuned-{tag}.safetensors"),
                           from_checkpoint=str(base), transfer=policy, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                          split_manifest=str(manifest), run_dir=str(work / f"run-{policy}"),
+                          split_manifest=str(manifest), run_dir=str(work / f"run-{tag}"),
                           cache_dir=args.cache_dir or str(work / "cache"), min_per_class=1,
-                          early_stopping_patience=args.patience, max_steps=args.max_steps)
+                          early_stopping_patience=args.patience, max_steps=args.max_steps,
+                          base_mix=mix)
         shutil.rmtree(cfg.run_dir, ignore_errors=True)
         started = time.perf_counter()
         result = fit(cfg, progress=False)
         seconds = time.perf_counter() - started
         counts = result.data["counts"]
-        lines += [f"## Transfer policy `{result.transfer['name']}` (asked: {policy})", "",
+        lines += [f"## Transfer policy `{result.transfer['name']}` (asked: {policy}), base "
+                  f"mix {mix:g}", "",
                   f"{result.transfer['reason']}; {result.epochs} epochs, {result.steps} steps, "
                   f"{seconds:.0f} s in all. Split: train {sum(counts['train'].values())}, "
                   f"val {sum(counts['val'].values())}, test {sum(counts['test'].values())}.", "",
@@ -304,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="unseen scans per class (and of each held-out source) scored (100)")
     p.add_argument("--transfer", default="auto",
                    help="policy or comma-separated policies: auto, head, llrd, full")
+    p.add_argument("--base-mix", default=str(TrainConfig.base_mix),
+                   help="the base's share of the kept weights (TrainConfig.base_mix); "
+                   "several, comma-separated, are run one after the other (default: "
+                   "TrainConfig's)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--patience", type=int, default=10, help="early-stopping patience (10)")
     p.add_argument("--max-steps", type=int, help="cap optimizer steps (smoke tests)")

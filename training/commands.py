@@ -52,6 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "picks from the training images per class: under 50 the head and "
                        "last block (head), under 500 all layers with layer-wise learning-"
                        "rate decay (llrd), else all layers alike (full)")
+    model.add_argument("--base-mix", type=float, metavar="W",
+                       help="with --from: keep W x the base's weights + (1 - W) x the "
+                       "fine-tuned ones (weight-space ensembling, 0 to <1; default 0.5: "
+                       "keeps more of what the base learned on other sites)")
     model.add_argument("--compare-to", metavar="MODEL",
                        help="model to compare the result with on the test split (default: "
                        "the --from model)")

@@ -90,6 +90,12 @@ class TrainConfig:
             (``lungvit.training.transfer``).
         compare_to: the model the result is compared with on the test split; None: the
             ``from_checkpoint`` model (no comparison when both are None).
+        base_mix: with ``from_checkpoint``, the share of the base model's weights in the
+            result: the kept weights become ``base_mix * base + (1 - base_mix) * tuned``
+            (weight-space ensembling; 0: the fine-tuned weights alone). Head rows of labels
+            the base lacks stay as trained. The default 0.5 was fixed before measuring (the
+            usual middle of WiSE-FT, Wortsman et al., CVPR 2022), not tuned on any split;
+            ``bench/bench_finetune.py`` measures what it does.
     """
 
     data: str
@@ -137,6 +143,7 @@ class TrainConfig:
     intended_use: str | None = None
     transfer: str = "auto"
     compare_to: str | None = None
+    base_mix: float = 0.5
 
     def __post_init__(self) -> None:
         self.data = str(self.data)
@@ -164,6 +171,8 @@ class TrainConfig:
             problems.append(f"lr must be a positive number, not {self.lr!r}")
         if self.weight_decay < 0:
             problems.append(f"weight_decay must be >= 0, not {self.weight_decay!r}")
+        if not 0 <= self.base_mix < 1:
+            problems.append(f"base_mix must be in [0, 1), not {self.base_mix!r}")
         if not 0 <= self.label_smoothing < 1:
             problems.append(f"label_smoothing must be in [0, 1), not {self.label_smoothing!r}")
         if not 0 <= self.warmup_frac < 1:

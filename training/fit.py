@@ -49,7 +49,7 @@ from lungvit.training.metrics import classification_report, scalar_metrics
 from lungvit.training.module import FreezeEarlyLayers, LungViTModule, class_weights_from_counts
 from lungvit.training.ood_fit import attach_feature_detector
 from lungvit.training.store.paths import default_data_dir
-from lungvit.training.transfer import plan_transfer
+from lungvit.training.transfer import mix_with_base, plan_transfer
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +339,9 @@ def fit(cfg: TrainConfig, *, datamodule: ScanDataModule | None = None,
     classes = list(dm.classes)
 
     model, head_mapping = build_training_model(cfg, classes)
+    # The adapted base, kept for weight-space ensembling after training.
+    base_state = ({k: v.detach().clone() for k, v in model.state_dict().items()}
+                  if cfg.from_checkpoint and cfg.base_mix > 0 else None)
     transfer = plan_transfer(cfg, dm.class_counts["train"], model)
     transfer.apply(model)  # freezes what the policy holds fixed for the whole run
     weights = (class_weights_from_counts([dm.class_counts["train"][c] for c in classes])
@@ -411,6 +414,10 @@ def fit(cfg: TrainConfig, *, datamodule: ScanDataModule | None = None,
     if best and not cfg.fast_dev_run:
         _load_module_weights(module, best)  # keep the weights with the lowest val loss
     model = module.model
+    if base_state is not None:
+        new_rows = [classes.index(c) for c in (head_mapping or {}).get("new", [])]
+        mix_with_base(model, base_state, cfg.base_mix, fresh_rows=new_rows)
+    plan = {**transfer.to_dict(), "base_mix": cfg.base_mix if base_state is not None else 0.0}
     device = torch.device("cuda") if _hardware(trainer)["gpu_count"] else torch.device("cpu")
     val_logits, val_targets = collect_logits(model, dm.val_dataloader(), device)
     test_logits, test_targets = collect_logits(model, dm.test_dataloader(), device)
@@ -441,7 +448,7 @@ def fit(cfg: TrainConfig, *, datamodule: ScanDataModule | None = None,
                 "quantile": OOD_ENERGY_QUANTILE, "source": "validation split"},
     }
     comparison = compare_with_base(cfg, dm, test_logits, test_targets, device)
-    metrics.update(transfer=transfer.to_dict(), comparison=comparison)
+    metrics.update(transfer=plan, comparison=comparison)
     train_counts = dm.class_counts["train"]
     sizes = "/".join(str(sum(dm.class_counts[s].values())) for s in ("train", "val", "test"))
     provenance = Provenance(
@@ -464,7 +471,7 @@ def fit(cfg: TrainConfig, *, datamodule: ScanDataModule | None = None,
     report = {"checkpoint": str(checkpoint), "temperature": temperature, "wall_time_s": wall,
               "val": val_report, "test": test_cal, "test_uncalibrated": test_raw,
               "training": training, "data": dm.summary(), "head_mapping": head_mapping,
-              "transfer": transfer.to_dict(), "comparison": comparison,
+              "transfer": plan, "comparison": comparison,
               "history": module.history}
     (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     return FitResult(run_dir=run_dir, checkpoint=checkpoint, metrics=val_report,
@@ -472,5 +479,5 @@ def fit(cfg: TrainConfig, *, datamodule: ScanDataModule | None = None,
                      temperature=temperature, wall_time_s=wall,
                      epochs=int(trainer.current_epoch), steps=int(trainer.global_step),
                      best_lightning_checkpoint=best, config=cfg, data=dm.summary(),
-                     head_mapping=head_mapping, transfer=transfer.to_dict(),
+                     head_mapping=head_mapping, transfer=plan,
                      comparison=comparison)

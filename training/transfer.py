@@ -29,14 +29,20 @@ classes is the starting point, and the base's other labels are dropped. Frozen p
 get ``requires_grad=False`` before training (no backward pass below the first trained
 block, and DDP only registers what trains), which is stable for a resumed run: the policy
 depends only on the configuration and the frozen split.
+
+After training, the kept weights of a run from a checkpoint are moved part of the way back
+to the base's (:func:`mix_with_base`, ``TrainConfig.base_mix``, 0.5 by default): a few scans
+from one site pull a fine-tune towards that site's shortcuts, and the mix keeps more of what
+the base learned elsewhere (``bench/bench_finetune.py`` measures both sides of the trade).
 """
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
@@ -219,8 +225,46 @@ def describe_run(transfer: Mapping[str, Any] | None,
     lines = []
     if transfer:
         fields = {k: v for k, v in transfer.items() if k in TransferPolicy.__dataclass_fields__}
-        lines.append(TransferPolicy(**fields).describe())
+        line = TransferPolicy(**fields).describe()
+        if transfer.get("base_mix"):
+            line += (f"; kept weights {transfer['base_mix']:g} x the base's + "
+                     f"{1 - transfer['base_mix']:g} x the fine-tuned ones")
+        lines.append(line)
     text = describe_comparison(dict(comparison) if comparison else None)
     if text:
         lines.append(text)
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def mix_with_base(model: nn.Module, base_state: Mapping[str, torch.Tensor], share: float,
+                  *, fresh_rows: Sequence[int] = ()) -> nn.Module:
+    """Move a fine-tuned model's weights part of the way back to its base's, in place.
+
+    Every floating-point parameter and buffer becomes ``share * base + (1 - share) *
+    tuned`` (weight-space ensembling: a fine-tune on a few scans of one site keeps more of
+    what the base learned elsewhere); integer buffers (BatchNorm's batch counts) stay as
+    trained. Head rows in ``fresh_rows`` (labels the base did not have: their start was a
+    random initialisation, not knowledge) stay as trained too.
+
+    Args:
+        model: the fine-tuned model (the same architecture as ``base_state``).
+        base_state: its ``state_dict`` before training (after the head was adapted).
+        share: the base's share, in [0, 1).
+        fresh_rows: indices of head rows new to this run.
+
+    Returns:
+        ``model``.
+    """
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"the base's share must be in [0, 1), got {share}")
+    fresh = torch.tensor(sorted(fresh_rows), dtype=torch.long)
+    for name, value in model.state_dict().items():
+        if not value.is_floating_point():
+            continue
+        base = base_state[name].to(value.device, value.dtype)
+        mixed = torch.lerp(value, base, share)
+        if name in ("head.weight", "head.bias") and len(fresh):
+            mixed[fresh] = value[fresh]
+        value.copy_(mixed)
+    return model

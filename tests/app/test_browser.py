@@ -98,7 +98,7 @@ def test_predict_and_explain_in_browser(page: object, phantom_dicom: Path, shots
     sync_api.expect(prediction.locator("h3")).to_be_visible()
     label = prediction.locator("h3").inner_text()
     assert any(lbl in label for lbl in DEFAULT_LABELS), label
-    sync_api.expect(pg.locator("#scan-viewer img")).to_be_visible()
+    sync_api.expect(pg.locator("#scan-viewer .lv-scan img.lv-base")).to_be_visible()
     sync_api.expect(pg.locator("#probabilities")).to_contain_text(label.split(" ")[0])
     presets = pg.locator("#window-preset")
     sync_api.expect(presets).to_contain_text("percentile")
@@ -128,6 +128,7 @@ def test_predict_and_explain_in_browser(page: object, phantom_dicom: Path, shots
         assert "unfaithful" not in panel.get_attribute("class")
     else:
         assert "unfaithful" in panel.get_attribute("class") and framed == "rgb(220, 38, 38)"
+    check_viewer(pg)
     # The full-resolution files are made only when asked for.
     downloads = pg.locator("#downloads")
     sync_api.expect(downloads).not_to_contain_text("-report")
@@ -135,6 +136,74 @@ def test_predict_and_explain_in_browser(page: object, phantom_dicom: Path, shots
     sync_api.expect(downloads).to_contain_text("-report")
     pg.wait_for_timeout(500)  # let the panel's image finish painting before the screenshot
     pg.screenshot(path=str(shots / "predict-explain.png"), full_page=True)
+
+
+def check_viewer(pg: object) -> None:
+    """Zoom, pan and the live opacity of the map beside the scan."""
+    viewer = pg.locator("#scan-viewer")
+    root = viewer.locator(".lv-viewer")
+    sync_api.expect(viewer.locator(".lv-overlay img.lv-map").first).to_be_visible()
+    assert viewer.locator(".lv-scan img.lv-base").evaluate("img => img.naturalWidth") > 0
+    sync_api.expect(root).to_have_attribute("data-zoom", "1.00")
+    pane = viewer.locator(".lv-overlay")
+    pane.hover()
+    pg.mouse.wheel(0, -240)  # zoom in about the pointer
+    sync_api.expect(root).not_to_have_attribute("data-zoom", "1.00")
+    assert float(root.get_attribute("data-zoom")) > 1.0
+    stages = viewer.locator(".lv-stage").evaluate_all(
+        "els => els.map(e => e.style.transform)")
+    assert len(stages) == 2 and stages[0] == stages[1] and "scale" in stages[0], stages
+    box = pane.bounding_box()
+    assert box is not None
+    pg.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    pg.mouse.down()
+    pg.mouse.move(box["x"] + box["width"] / 2 + 40, box["y"] + box["height"] / 2 + 30)
+    pg.mouse.up()
+    panned = viewer.locator(".lv-stage").first.evaluate("e => e.style.transform")
+    assert panned != stages[0], (panned, stages[0])  # dragging moved both sides
+    viewer.locator(".lv-opacity").fill("0.8")
+    sync_api.expect(viewer.locator(".lv-opacity-label")).to_have_text("80%")
+    assert viewer.locator(".lv-map").first.evaluate("m => m.style.opacity") == "0.8"
+    pane.dblclick()
+    sync_api.expect(root).to_have_attribute("data-zoom", "1.00")
+
+
+def open_advanced(pg: object) -> None:
+    """Open the fine-tune's advanced settings (an earlier test may have opened them)."""
+    if not pg.get_by_label("Epochs").is_visible():
+        pg.get_by_text("Advanced settings").click()
+    sync_api.expect(pg.get_by_label("Epochs")).to_be_visible()
+
+
+def test_progress_and_cancel_in_browser(page: object, tmp_path: Path) -> None:
+    """A long fine-tune shows a progress bar with percent and steps; Cancel answers
+    "cancelled" (the job stopped its workers) and the bar goes."""
+    from lungvit.core.cli import main as cli
+
+    data = tmp_path / "dataset"
+    assert cli(["demo-data", str(data), "--per-class", "8", "--size", "64", "--classes",
+                "lung-normal", "lung-covid"]) == 0
+    pg = page
+    pg.get_by_role("tab", name="Fine-tune").click()
+    pg.locator("#dataset-folder textarea, #dataset-folder input").first.fill(str(data))
+    pg.get_by_role("button", name="Check dataset").click()
+    sync_api.expect(pg.locator("#dataset-summary")).to_contain_text("2 classes")
+    open_advanced(pg)
+    pg.get_by_label("Epochs").fill("500")  # far longer than the test waits
+    pg.get_by_label("Stop after N steps (0: no limit)").fill("0")
+    pg.get_by_label("Batch size").fill("8")
+    pg.get_by_label("Start from").click()
+    pg.get_by_role("option", name="lungvit_tiny (from scratch)").click()
+    pg.locator("#finetune-button").click()
+    status = pg.locator("#job-status")
+    sync_api.expect(status).to_contain_text("running", timeout=180_000)
+    sync_api.expect(status).to_contain_text(" of ", timeout=180_000)  # "(step N of M)"
+    bar = status.locator("code").inner_text()
+    assert "%" in bar and "step" in bar and "\u25b1" in bar, bar  # ▱: steps to go
+    pg.get_by_role("button", name="Cancel").click()
+    sync_api.expect(status).to_contain_text("cancelled", timeout=60_000)
+    sync_api.expect(status.locator("code")).to_have_count(0)
+    shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -154,7 +223,7 @@ def test_finetune_in_browser(page: object, tmp_path: Path, shots: Path) -> None:
     pg.locator("#dataset-folder textarea, #dataset-folder input").first.fill(str(data))
     pg.get_by_role("button", name="Check dataset").click()
     sync_api.expect(pg.locator("#dataset-summary")).to_contain_text("3 classes")
-    pg.get_by_text("Advanced settings").click()
+    open_advanced(pg)
     pg.get_by_label("Epochs").fill(epochs)
     pg.get_by_label("Stop after N steps (0: no limit)").fill(steps)
     pg.get_by_label("Batch size").fill("8")

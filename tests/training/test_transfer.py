@@ -20,7 +20,7 @@ from lungvit.training.fit import fit
 from lungvit.training.module import scaled_parameter_groups
 from lungvit.training.store_callback import final_metrics
 from lungvit.training.transfer import (LARGE_PER_CLASS, LAYER_DECAY, SMALL_PER_CLASS,
-                                       choose_policy, describe_run)
+                                       choose_policy, describe_run, mix_with_base)
 
 DEPTH = 4  # lungvit_tiny
 
@@ -223,3 +223,29 @@ def test_the_job_summary_line_says_better_or_worse() -> None:
     worse = comparison_line({"compare/n_test": 8.0, "compare/base_acc": 0.5,
                              "compare/tuned_acc": 0.375, "compare/delta_acc": -0.125})
     assert worse.startswith("worse than the base model by 12.5 points")
+
+
+def test_base_mix_moves_the_weights_back_towards_the_base() -> None:
+    """Weight-space ensembling: every float tensor is share*base + (1-share)*tuned, computed
+    here by hand; new head rows and integer buffers stay as trained."""
+    torch.manual_seed(0)
+    base = create_model("lungvit_tiny", num_classes=3)
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    tuned = create_model("lungvit_tiny", num_classes=3)
+    tuned.state_dict()["patch_embed.backbone.1.num_batches_tracked"].fill_(7)
+    tuned_state = {k: v.clone() for k, v in tuned.state_dict().items()}
+    mix_with_base(tuned, base_state, 0.25, fresh_rows=[2])
+    mixed = tuned.state_dict()
+    for name, value in mixed.items():
+        if not value.is_floating_point():
+            assert torch.equal(value, tuned_state[name]), name
+            continue
+        expected = 0.25 * base_state[name] + 0.75 * tuned_state[name]
+        if name in ("head.weight", "head.bias"):
+            expected[2] = tuned_state[name][2]
+        torch.testing.assert_close(value, expected, msg=name)
+    assert not torch.equal(mixed["head.weight"][:2], tuned_state["head.weight"][:2])
+    with pytest.raises(ValueError, match="share"):
+        mix_with_base(tuned, base_state, 1.0)
+    with pytest.raises(TrainConfigError, match="base_mix"):
+        TrainConfig(data="d", out="o", base_mix=1.5).validate()
