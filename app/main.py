@@ -22,13 +22,12 @@ from typing import TYPE_CHECKING
 from lungvit.app.security import (
     AccessRefused, AuthError, ServerPolicy, is_loopback, parse_auth,
 )
+from lungvit.cli import exit_codes
 from lungvit.core.owner_only import owner_only_files, tighten
 
 if TYPE_CHECKING:
     from lungvit.app.state import AppContext
 
-EXIT_USAGE = 2
-EXIT_ERROR = 3  # the store or another resource refused (as the lungvit CLI's exit 3)
 log = logging.getLogger("lungvit.app")
 
 
@@ -181,26 +180,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             auth = parse_auth(args.auth)
         except AuthError as exc:
             print(f"lungvit-app: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            return exit_codes.USAGE
     if not is_loopback(args.host) and auth is None:
         print(f"lungvit-app: refusing to listen on {args.host} without a login: anyone on "
               "the network could read the scans and run jobs. Add --auth USER:PASSWORD (or "
               "a file of such lines), or keep the default --host 127.0.0.1.", file=sys.stderr)
-        return EXIT_USAGE
+        return exit_codes.USAGE
     if not 0 <= args.port <= 65535:
         print("lungvit-app: --port must be 0..65535", file=sys.stderr)
-        return EXIT_USAGE
+        return exit_codes.USAGE
     if args.model and not Path(args.model).is_file():
         print(f"lungvit-app: no such model file: {args.model}", file=sys.stderr)
-        return EXIT_USAGE
+        return exit_codes.USAGE
     try:
         policy = server_policy(args)
     except AccessRefused as exc:
         print(f"lungvit-app: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exit_codes.USAGE
     if not args.max_unpacked > 0:
         print("lungvit-app: --max-unpacked must be a positive number of GiB", file=sys.stderr)
-        return EXIT_USAGE
+        return exit_codes.USAGE
     from lungvit.app.uploads import set_unpack_limit
 
     set_unpack_limit(int(args.max_unpacked * 2**30))
@@ -213,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args, auth, policy)
     except LungViTError as exc:  # e.g. a --db URL that is wrong or a server that refuses
         print(f"lungvit-app: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return exit_codes.ERROR
 
 
 def _run(args: argparse.Namespace, auth: list[tuple[str, str]] | None,
@@ -264,7 +263,7 @@ def _serve(args: argparse.Namespace, auth: list[tuple[str, str]] | None,
         pass
     finally:
         app.close()
-    return 0
+    return exit_codes.OK
 
 
 def stop_app(proc: subprocess.Popen, timeout: float = 60.0,

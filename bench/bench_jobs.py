@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--cancel-after-steps", type=int, default=3)
     parser.add_argument("--out", help="also write the results (Markdown) here")
     args = parser.parse_args()
-    from lungvit.core.cli import main as cli
+    from lungvit.cli.main import main as cli
 
     with tempfile.TemporaryDirectory(prefix="lungvit-bench-jobs-") as tmp_name:
         tmp = Path(tmp_name)

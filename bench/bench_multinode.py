@@ -53,7 +53,7 @@ def run_layout(cpus: list[int], args: argparse.Namespace, data: Path, work: Path
             # A store (and so a run folder) of its own: a Ray run started again in the same
             # folder under the same name would continue from the last one's checkpoints.
             db = f"sqlite:///{work / f'runs-{len(cpus)}-{r}' / 'lungvit.db'}"
-            cmd = [sys.executable, "-m", "lungvit.core.cli", "train", "--data", str(data),
+            cmd = [sys.executable, "-m", "lungvit.cli.main", "train", "--data", str(data),
                    "--out", str(work / f"model-{len(cpus)}-{r}.safetensors"),
                    "--variant", args.variant, "--input-size", str(args.size),
                    "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
@@ -128,7 +128,7 @@ def main() -> int:
         work = Path(tmp)
         os.environ["RAY_TMPDIR"] = str(work)  # Ray's sessions and address file, not /tmp/ray
         data = work / "data"
-        subprocess.run([sys.executable, "-m", "lungvit.core.cli", "demo-data", str(data),
+        subprocess.run([sys.executable, "-m", "lungvit.cli.main", "demo-data", str(data),
                         "--per-class", str(args.per_class), "--size", "48"], check=True,
                        capture_output=True)
         token = secrets.token_hex(32)

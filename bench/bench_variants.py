@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
     load0 = os.getloadavg()[0]
     if not args.data.exists():
-        from lungvit.core.cli import main as cli
+        from lungvit.cli.main import main as cli
         if cli(["demo-data", str(args.data), "--per-class", str(args.per_class),
                 "--size", "256", "--seed", str(args.data_seed)]) != 0:
             return 1

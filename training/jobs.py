@@ -471,7 +471,7 @@ def _finish(store: Store, job_id: int, watcher: _Watcher, error: str | None) -> 
 # ------------------------------------------------------------------------- entry points
 def request_from_cli(cfg: TrainConfig, opts: argparse.Namespace) -> JobRequest:
     """The job request of ``lungvit train``: its TrainConfig plus the job options of
-    :func:`lungvit.training.runs_cmd.add_job_arguments`."""
+    :func:`lungvit.cli.runs_cmd.add_job_arguments`."""
     request = JobRequest(train=cfg.to_dict(), workers=opts.workers or 1,
                          use_gpu=bool(opts.gpu), ray_address=opts.ray_address,
                          mlflow_uri=opts.mlflow)

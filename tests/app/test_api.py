@@ -268,7 +268,7 @@ def test_runs_from_the_store(client: Client, running_app: tuple[str, object]) ->
 
 
 def test_preview_dataset(client: Client, tmp_path: Path) -> None:
-    from lungvit.core.cli import main as cli
+    from lungvit.cli.main import main as cli
 
     assert cli(["demo-data", str(tmp_path / "ds"), "--per-class", "6", "--size", "64",
                 "--classes", "lung-normal", "lung-covid"]) == 0
@@ -287,7 +287,7 @@ def test_preview_dataset(client: Client, tmp_path: Path) -> None:
 def test_finetune_to_completion_and_use(client: Client, tmp_path: Path,
                                         running_app: tuple[str, object]) -> None:
     """A tiny fine-tune through the API: start, follow, results, serve its model."""
-    from lungvit.core.cli import main as cli
+    from lungvit.cli.main import main as cli
 
     data = tmp_path / "ft"
     assert cli(["demo-data", str(data), "--per-class", "8", "--size", "64",

@@ -79,7 +79,7 @@ def page(served: str) -> Iterator[object]:
 
 @pytest.fixture(scope="module")
 def phantom_dicom(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lungvit.core.cli import main as cli
+    from lungvit.cli.main import main as cli
 
     root = tmp_path_factory.mktemp("phantoms")
     assert cli(["demo-data", str(root), "--per-class", "1", "--dicom", "--size", "128",
@@ -178,7 +178,7 @@ def open_advanced(pg: object) -> None:
 def test_progress_and_cancel_in_browser(page: object, tmp_path: Path) -> None:
     """A long fine-tune shows a progress bar with percent and steps; Cancel answers
     "cancelled" (the job stopped its workers) and the bar goes."""
-    from lungvit.core.cli import main as cli
+    from lungvit.cli.main import main as cli
 
     data = tmp_path / "dataset"
     assert cli(["demo-data", str(data), "--per-class", "8", "--size", "64", "--classes",
@@ -208,7 +208,7 @@ def test_progress_and_cancel_in_browser(page: object, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_finetune_in_browser(page: object, tmp_path: Path, shots: Path) -> None:
-    from lungvit.core.cli import main as cli
+    from lungvit.cli.main import main as cli
 
     # For the README, a run worth looking at: the demo model fine-tuned for a few epochs;
     # otherwise the shortest run that goes through every stage.

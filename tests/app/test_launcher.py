@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from lungvit.app.main import EXIT_USAGE, build_parser, main, stop_app
+from lungvit.app.main import build_parser, main, stop_app
+from lungvit.cli.exit_codes import USAGE as EXIT_USAGE
 
 from .conftest import free_port
 

@@ -305,7 +305,8 @@ def test_server_folders_only_under_data_roots_when_exposed(
     import gradio as gr
 
     from lungvit.app import handlers_train
-    from lungvit.app.main import EXIT_USAGE, build_parser, main, server_policy
+    from lungvit.app.main import build_parser, main, server_policy
+    from lungvit.cli.exit_codes import USAGE as EXIT_USAGE
     from lungvit.app.security import ServerPolicy
 
     root = tmp_path / "datasets"

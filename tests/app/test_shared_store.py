@@ -91,7 +91,7 @@ def status_of(client: Client, job_id: int) -> str:
 
 def test_a_job_started_in_one_app_is_watched_and_cancelled_from_the_other(
         two_apps: tuple[str, str], postgres_url: str, tmp_path: Path) -> None:
-    from lungvit.core.cli import main as cli
+    from lungvit.cli.main import main as cli
 
     data = tmp_path / "ft"
     assert cli(["demo-data", str(data), "--per-class", "8", "--size", "48",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lungvit.core.checkpoint import import_reference, load_checkpoint
-from lungvit.core.cli import main
+from lungvit.cli.main import main
 from lungvit.core.errors import CheckpointError
 from lungvit.core.model import DEFAULT_LABELS, VARIANTS, set_fused_attention
 from lungvit.core.reference import ReferenceViT

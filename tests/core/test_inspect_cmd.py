@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lungvit.core.cli import main
+from lungvit.cli.main import main
 from lungvit.core.dicom_write import PHI_MARKER, PHI_SENTINELS, write_dicom
 
 

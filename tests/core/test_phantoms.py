@@ -8,7 +8,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from lungvit.core.cli import main
+from lungvit.cli.main import main
 from lungvit.core.dicom_write import PHI_MARKER, PHI_SENTINELS
 from lungvit.core.phantom_files import (DICOM_VARIANTS, RASTER_FORMATS, dicom_variant,
                                         write_mask, write_phantom)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from lungvit.core.checkpoint import CheckpointInfo, save_checkpoint
-from lungvit.core.cli import main as cli_main
+from lungvit.cli.main import main as cli_main
 from lungvit.core.errors import ScanReadError
 from lungvit.core.model import create_model
 from lungvit.core.predict import Predictor, energy_score

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lungvit.core.cli import main
+from lungvit.cli.main import main
 
 
 def _mode(path: Path) -> int:

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lungvit.core.checkpoint import load_checkpoint, read_checkpoint_info
-from lungvit.core.cli import main as cli_main
+from lungvit.cli.main import main as cli_main
 from lungvit.core.model import DEFAULT_VARIANT, VARIANTS, create_model
 from lungvit.training.config import TrainConfig, TrainConfigError
 from lungvit.training.fit import adapt_model, fit, resolve_config, resolve_precision

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from lungvit.core.checkpoint import load_checkpoint
-from lungvit.core.cli import main as cli_main
+from lungvit.cli.main import main as cli_main
 from lungvit.core.ingest import load_scan
 from lungvit.core.predict import Predictor
 from lungvit.training.config import TrainConfig

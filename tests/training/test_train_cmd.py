@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from lungvit.core.checkpoint import read_checkpoint_info
-from lungvit.core.cli import build_parser, main
-from lungvit.training.commands import config_from_args
+from lungvit.cli.main import build_parser, main
+from lungvit.cli.train_cmd import config_from_args
 
 
 def _parse(*argv: str) -> argparse.Namespace:
@@ -46,7 +46,7 @@ def test_options_map_onto_the_training_config() -> None:
 
 
 def test_the_command_module_imports_cheaply() -> None:
-    code = ("import sys, lungvit.training.commands as c; "
+    code = ("import sys, lungvit.cli.train_cmd as c; "
             "heavy = [m for m in ('torch', 'lightning', 'timm') if m in sys.modules]; "
             "assert not heavy, heavy; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lungvit.core.checkpoint import load_checkpoint, read_checkpoint_info
-from lungvit.core.cli import main as cli_main
+from lungvit.cli.main import main as cli_main
 from lungvit.core.model import create_model
 from lungvit.core.predict import Predictor
 from lungvit.training.compare import (comparison_scalars, compare_predictions,

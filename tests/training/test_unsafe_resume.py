@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lungvit.core.cli import main
+from lungvit.cli.main import main
 from lungvit.core.errors import CheckpointError
 from lungvit.core.reference import load_weights_only, read_training_checkpoint
 

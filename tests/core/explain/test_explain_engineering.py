@@ -165,7 +165,7 @@ def test_cli_explain_json_and_files(cli_inputs, tmp_path, capsys) -> None:
 
     from PIL import Image
 
-    from lungvit.core.cli import main
+    from lungvit.cli.main import main
 
     ckpt, png = cli_inputs
     out = tmp_path / "maps"
@@ -186,7 +186,7 @@ def test_cli_explain_json_and_files(cli_inputs, tmp_path, capsys) -> None:
 
 
 def test_cli_explain_table_and_errors(cli_inputs, tmp_path, capsys) -> None:
-    from lungvit.core.cli import main
+    from lungvit.cli.main import main
 
     ckpt, png = cli_inputs
     assert main(["explain", str(png), "--model", str(ckpt), "--method", "gradcam", "--target", "2"]) == 0

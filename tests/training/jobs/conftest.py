@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from lungvit.core.cli import main as lungvit
+from lungvit.cli.main import main as lungvit
 
 EPOCH_NAMES = ("train/loss_epoch", "train/acc_epoch")
 VAL_NAMES = ("val/loss", "val/acc", "val/top5", "val/macro_f1", "val/balanced_acc",

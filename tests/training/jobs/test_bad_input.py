@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from lungvit.core.cli import main as lungvit
+from lungvit.cli.main import main as lungvit
 from tests._postgres import table_names as tables
 
 FORMS = "sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE"

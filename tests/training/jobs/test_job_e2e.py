@@ -36,7 +36,7 @@ def test_train_on_ray_lands_in_the_store(tmp_path: Path, dicom_data: Path, cache
     out = tmp_path / "model.safetensors"
     other = _other_model(tmp_path / "other.safetensors")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    proc = popen([sys.executable, "-m", "lungvit.core.cli", "train", "--data", str(dicom_data),
+    proc = popen([sys.executable, "-m", "lungvit.cli.main", "train", "--data", str(dicom_data),
                   "--out", str(out), "--variant", "lungvit_tiny", "--input-size", "32",
                   "--epochs", str(EPOCHS), "--batch-size", "8", "--no-augment",
                   "--patience", "0", "--cache-dir", str(cache_dir),

@@ -87,7 +87,7 @@ def cluster() -> Iterator[RayCluster]:
 
 def train_cmd(data: Path, cache: Path, out: Path, cluster_address: str, db: str, *,
               epochs: int, max_failures: int = 1) -> list[str]:
-    return [sys.executable, "-m", "lungvit.core.cli", "train", "--data", str(data),
+    return [sys.executable, "-m", "lungvit.cli.main", "train", "--data", str(data),
             "--out", str(out), "--variant", "lungvit_tiny", "--input-size", "32",
             "--epochs", str(epochs), "--batch-size", "8", "--no-augment", "--patience", "0",
             "--cache-dir", str(cache), "--quiet", "--workers", "2",

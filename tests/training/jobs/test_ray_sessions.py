@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import create_engine, text
 
-from lungvit.core.cli import main
+from lungvit.cli.main import main
 from lungvit.training.store import open_store
 
 DEAD_PID = 99_999_999  # above any pid_max: the job process that was killed

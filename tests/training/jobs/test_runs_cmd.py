@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from lungvit.core.cli import build_parser, main
+from lungvit.cli.main import build_parser, main
 from lungvit.training.config import TrainConfig
 from lungvit.training.jobs import request_from_cli
-from lungvit.training.runs_cmd import take_job_options
+from lungvit.cli.runs_cmd import take_job_options
 from lungvit.training.store import JobStatus, open_store
 
 
@@ -140,7 +140,7 @@ def test_request_from_cli_options() -> None:
 
 
 def test_cli_start_imports_no_heavy_module() -> None:
-    code = ("import sys\nimport lungvit.training.runs_cmd, lungvit.training.commands\n"
+    code = ("import sys\nimport lungvit.cli.runs_cmd, lungvit.cli.train_cmd\n"
             "heavy = [m for m in ('ray', 'torch', 'lightning', 'sqlalchemy') if m in sys.modules]\n"
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import create_engine, text
 
-from lungvit.core.cli import main
+from lungvit.cli.main import main
 from lungvit.training import jobs
 from lungvit.training.store import JobStatus, open_store
 

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lungvit.cli import exit_codes
+
 CSV_FIELDS = ("file", "status", "label", "confidence", "uncertain", "out_of_distribution",
               "reasons", "top_k", "error")
 
@@ -79,4 +81,5 @@ def run(args: argparse.Namespace) -> int:
             writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
             writer.writeheader()
             writer.writerows(_csv_row(r) for r in records)
-    return 1 if any(r["status"] == "error" for r in records) else 0
+    failed = any(r["status"] == "error" for r in records)
+    return exit_codes.SOME_FAILED if failed else exit_codes.OK

@@ -1,4 +1,4 @@
-"""Sub-commands of the ``lungvit`` CLI, one module each, plus argument types they share."""
+"""Argument types the ``lungvit`` commands share."""
 from __future__ import annotations
 
 import argparse

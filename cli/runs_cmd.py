@@ -12,9 +12,9 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
-from lungvit.core.commands import positive_int
+from lungvit.cli.args import positive_int
+from lungvit.cli import exit_codes
 
-EXIT_OK = 0
 EVENTS_SHOWN = 15
 
 DB_HELP = ("tracking store: sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB "
@@ -180,7 +180,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         jobs = store.list_jobs(status=args.status, limit=args.limit)
     if not jobs:
         print("no jobs")
-        return EXIT_OK
+        return exit_codes.OK
     rows = []
     for j in jobs:
         metrics = j.final_metrics or {}
@@ -190,7 +190,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                                                         .get("data", "-"))])
     print(_table(rows, ["ID", "NAME", "STATUS", "ATTEMPT", "CREATED", "LAST SEEN",
                         "TEST ACC", "DATA"]))
-    return EXIT_OK
+    return exit_codes.OK
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -237,7 +237,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         print("events:")
         for e in events:
             print(f"  {_when(e.ts)}  {e.level:7}  {e.message}")
-    return EXIT_OK
+    return exit_codes.OK
 
 
 def _best(name: str, values: list[float]) -> float | None:
@@ -261,13 +261,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         pairs = store.compare(args.job_a, args.job_b)
     if not pairs:
         print(f"neither job {args.job_a} nor job {args.job_b} has metrics yet")
-        return EXIT_OK
+        return exit_codes.OK
     rows = []
     for name, (a, b) in pairs.items():
         diff = b - a if a is not None and b is not None else None
         rows.append([name, _num(a), _num(b), "-" if diff is None else f"{diff:+.4g}"])
     print(_table(rows, ["METRIC", f"JOB {args.job_a}", f"JOB {args.job_b}", "B - A"]))
-    return EXIT_OK
+    return exit_codes.OK
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -281,7 +281,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         print(f"job {args.job}: cancel requested; it stops within seconds")
     else:
         print(f"job {args.job} is already {status}; nothing to cancel")
-    return EXIT_OK
+    return exit_codes.OK
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -302,7 +302,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     proc = jobs.resume_job(args.job, db_url=args.db)
     print(f"job {args.job}: resuming in process {proc.pid}; follow it with "
           f"`lungvit runs show {args.job}`")
-    return EXIT_OK
+    return exit_codes.OK
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -321,4 +321,4 @@ def cmd_promote(args: argparse.Namespace) -> int:
         record = store.promote(args.job, version)
     print(record.path)
     print(f"job {args.job}: checkpoint v{record.version} promoted", file=sys.stderr)
-    return EXIT_OK
+    return exit_codes.OK

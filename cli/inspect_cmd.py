@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lungvit.core.commands import positive_int
+from lungvit.cli.args import positive_int
+from lungvit.cli import exit_codes
 
-EXIT_OK = 0
-EXIT_SOME_FAILED = 1
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -73,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             print(_as_text(report))
     if args.json:
         print(json.dumps(reports, indent=2, default=str))
-    return EXIT_SOME_FAILED if failed else EXIT_OK
+    return exit_codes.SOME_FAILED if failed else exit_codes.OK
 
 
 def _model_view(pixels: Any, size: int) -> dict[str, Any]:

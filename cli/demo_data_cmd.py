@@ -6,9 +6,9 @@ import csv
 import sys
 from pathlib import Path
 
-from lungvit.core.commands import positive_int
+from lungvit.cli.args import positive_int
+from lungvit.cli import exit_codes
 
-EXIT_OK = 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -99,4 +99,4 @@ def run(args: argparse.Namespace) -> int:
         writer.writerows(rows)
     print(f"wrote {len(rows)} synthetic images of {len(classes)} classes to {out} "
           f"(list: {out / 'manifest.csv'})")
-    return EXIT_OK
+    return exit_codes.OK

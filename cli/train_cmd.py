@@ -1,6 +1,6 @@
 """``lungvit train``: fit a LungViT model on a folder of class folders.
 
-Only argparse is imported at module level: ``lungvit.core.cli`` imports this module for
+Only argparse is imported at module level: ``lungvit.cli.main`` imports this module for
 every command, so Lightning and the rest load when ``train`` actually runs.
 """
 from __future__ import annotations
@@ -10,10 +10,9 @@ import logging
 import sys
 from typing import Any
 
-from lungvit.training.runs_cmd import add_job_arguments, take_job_options
+from lungvit.cli.runs_cmd import add_job_arguments, take_job_options
+from lungvit.cli import exit_codes
 
-EXIT_OK = 0
-EXIT_SOME_FAILED = 1
 _SHOW_UNREADABLE = 5  # unreadable files listed by name (the count is always printed)
 
 # argparse destination -> TrainConfig field, for options whose names differ.
@@ -243,5 +242,5 @@ def run_train(args: argparse.Namespace) -> int:
     if summary["unreadable"]:
         print(f"{summary['unreadable']} unreadable file(s) were skipped (listed above)",
               file=sys.stderr)
-        return EXIT_SOME_FAILED
-    return EXIT_OK
+        return exit_codes.SOME_FAILED
+    return exit_codes.OK

@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from lungvit.cli import exit_codes
 from pathlib import Path
 from typing import Any
 
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -102,10 +102,10 @@ def run(args: argparse.Namespace) -> int:
         methods = _methods(args.method, tuple(METHODS))
     except ValueError as exc:
         print(f"lungvit explain: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exit_codes.USAGE
     if not 0.0 <= args.opacity <= 1.0:
         print(f"lungvit explain: --opacity must be between 0 and 1, got {args.opacity}", file=sys.stderr)
-        return EXIT_USAGE
+        return exit_codes.USAGE
     # The predictor resolves the model exactly as `lungvit predict` does (bundled default,
     # preprocessing and temperature from the checkpoint header).
     predictor = Predictor.from_checkpoint(args.model, device="cpu")
@@ -114,12 +114,12 @@ def run(args: argparse.Namespace) -> int:
         target = _target(args.target, labels)
     except ValueError as exc:
         print(f"lungvit explain: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exit_codes.USAGE
     try:
         scan = load_scan(args.file)
     except ScanReadError as exc:
         print(f"{Path(args.file).name}: ERROR {exc}", file=sys.stderr)
-        return EXIT_SOME_FAILED
+        return exit_codes.SOME_FAILED
 
     es = explain(predictor.model, scan.pixels, preprocess=predictor.preprocess, methods=methods, target=target,
                  faithfulness=not args.no_faithfulness, opacity=args.opacity, temperature=predictor.temperature)
@@ -136,4 +136,4 @@ def run(args: argparse.Namespace) -> int:
         print(_table(es, labels))
         if args.out:
             print(f"overlays and maps saved in {args.out}")
-    return EXIT_OK
+    return exit_codes.OK

@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from lungvit.cli import exit_codes
 from lungvit.core import __version__
 from lungvit.core.errors import LungViTError
 from lungvit.core.owner_only import owner_only_files, tighten
@@ -21,19 +22,15 @@ from lungvit.core.phi import data_dir
 # ``func`` to a callable taking the parsed namespace and returning an exit code.
 # Modules must import cheaply: heavy work is imported when the command runs.
 COMMAND_MODULES: tuple[str, ...] = (
-    "lungvit.core.commands.inspect_cmd",
-    "lungvit.core.commands.demo_data_cmd",
-    "lungvit.core.commands.model_cmds",
-    "lungvit.core.commands.predict_cmd",
-    "lungvit.core.commands.explain_cmd",
-    "lungvit.training.commands",
-    "lungvit.training.runs_cmd",
+    "lungvit.cli.inspect_cmd",
+    "lungvit.cli.demo_data_cmd",
+    "lungvit.cli.model_cmds",
+    "lungvit.cli.predict_cmd",
+    "lungvit.cli.explain_cmd",
+    "lungvit.cli.train_cmd",
+    "lungvit.cli.runs_cmd",
 )
 
-EXIT_OK = 0
-EXIT_SOME_FAILED = 1
-EXIT_USAGE = 2
-EXIT_ERROR = 3
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
-        return EXIT_USAGE
+        return exit_codes.USAGE
     # What commands write (stores, run folders, checkpoints, job processes' files) is the
     # user's only; a data directory an older version left open is closed.
     tighten([data_dir()])
@@ -75,10 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.func(args))
     except LungViTError as exc:
         print(f"lungvit {args.command}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        return exit_codes.ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return exit_codes.INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -5,8 +5,8 @@ import argparse
 from pathlib import Path
 
 from lungvit.core.errors import CheckpointError
+from lungvit.cli import exit_codes
 
-EXIT_OK = 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,7 +60,7 @@ def run_import(args: argparse.Namespace) -> int:
     print(f"wrote {path}: {cfg.name}, {info.num_params:,} parameters, "
           f"{cfg.img_size}x{cfg.img_size} input, {len(info.labels)} classes "
           f"({', '.join(info.labels)})")
-    return EXIT_OK
+    return exit_codes.OK
 
 
 def run_card(args: argparse.Namespace) -> int:
@@ -68,4 +68,4 @@ def run_card(args: argparse.Namespace) -> int:
     from lungvit.core.model_card import model_card
 
     print(model_card(read_checkpoint_info(args.model)), end="")
-    return EXIT_OK
+    return exit_codes.OK

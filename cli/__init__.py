@@ -1,0 +1,8 @@
+"""The ``lungvit`` command line: one dispatcher (:mod:`lungvit.cli.main`), one module per
+command, and the exit codes every command and ``lungvit-app`` share
+(:mod:`lungvit.cli.exit_codes`).
+
+Command modules import only argparse and light helpers at module level (the dispatcher
+imports them all on every start); torch, Lightning, Ray and the store load when a command
+runs.
+"""
