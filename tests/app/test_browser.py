@@ -175,6 +175,22 @@ def open_advanced(pg: object) -> None:
     sync_api.expect(pg.get_by_label("Epochs")).to_be_visible()
 
 
+def start_finetune(pg: object, data: Path, *, classes: int, epochs: str, steps: str,
+                   base: str) -> None:
+    """Check a dataset folder in the Fine-tune tab and start a job on it (batch 8)."""
+    pg.get_by_role("tab", name="Fine-tune").click()
+    pg.locator("#dataset-folder textarea, #dataset-folder input").first.fill(str(data))
+    pg.get_by_role("button", name="Check dataset").click()
+    sync_api.expect(pg.locator("#dataset-summary")).to_contain_text(f"{classes} classes")
+    open_advanced(pg)
+    pg.get_by_label("Epochs").fill(epochs)
+    pg.get_by_label("Stop after N steps (0: no limit)").fill(steps)
+    pg.get_by_label("Batch size").fill("8")
+    pg.get_by_label("Start from").click()
+    pg.get_by_role("option", name=base).click()
+    pg.locator("#finetune-button").click()
+
+
 def test_progress_and_cancel_in_browser(page: object, tmp_path: Path) -> None:
     """A long fine-tune shows a progress bar with percent and steps; Cancel answers
     "cancelled" (the job stopped its workers) and the bar goes."""
@@ -184,17 +200,8 @@ def test_progress_and_cancel_in_browser(page: object, tmp_path: Path) -> None:
     assert cli(["demo-data", str(data), "--per-class", "8", "--size", "64", "--classes",
                 "lung-normal", "lung-covid"]) == 0
     pg = page
-    pg.get_by_role("tab", name="Fine-tune").click()
-    pg.locator("#dataset-folder textarea, #dataset-folder input").first.fill(str(data))
-    pg.get_by_role("button", name="Check dataset").click()
-    sync_api.expect(pg.locator("#dataset-summary")).to_contain_text("2 classes")
-    open_advanced(pg)
-    pg.get_by_label("Epochs").fill("500")  # far longer than the test waits
-    pg.get_by_label("Stop after N steps (0: no limit)").fill("0")
-    pg.get_by_label("Batch size").fill("8")
-    pg.get_by_label("Start from").click()
-    pg.get_by_role("option", name="lungvit_tiny (from scratch)").click()
-    pg.locator("#finetune-button").click()
+    start_finetune(pg, data, classes=2, epochs="500",  # far longer than the test waits
+                   steps="0", base="lungvit_tiny (from scratch)")
     status = pg.locator("#job-status")
     sync_api.expect(status).to_contain_text("running", timeout=180_000)
     sync_api.expect(status).to_contain_text(" of ", timeout=180_000)  # "(step N of M)"
@@ -219,17 +226,7 @@ def test_finetune_in_browser(page: object, tmp_path: Path, shots: Path) -> None:
     assert cli(["demo-data", str(data), "--per-class", per_class, "--size", "64", "--classes",
                 "lung-normal", "lung-covid", "lung-oct-cnv"]) == 0
     pg = page
-    pg.get_by_role("tab", name="Fine-tune").click()
-    pg.locator("#dataset-folder textarea, #dataset-folder input").first.fill(str(data))
-    pg.get_by_role("button", name="Check dataset").click()
-    sync_api.expect(pg.locator("#dataset-summary")).to_contain_text("3 classes")
-    open_advanced(pg)
-    pg.get_by_label("Epochs").fill(epochs)
-    pg.get_by_label("Stop after N steps (0: no limit)").fill(steps)
-    pg.get_by_label("Batch size").fill("8")
-    pg.get_by_label("Start from").click()
-    pg.get_by_role("option", name=base).click()
-    pg.locator("#finetune-button").click()
+    start_finetune(pg, data, classes=3, epochs=epochs, steps=steps, base=base)
     status = pg.locator("#job-status")
     sync_api.expect(status).to_contain_text("Job", timeout=60_000)
     sync_api.expect(status).to_contain_text("succeeded", timeout=540_000)
