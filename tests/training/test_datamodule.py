@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lungvit.core import cli
+from lungvit.cli import main as cli
 from lungvit.core.phantoms import CLASS_NAMES
 from lungvit.core.preprocess import PreprocessConfig
 from lungvit.training.augment import AugmentConfig, augment_batch
