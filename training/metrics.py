@@ -6,13 +6,18 @@ Lightning, devices or distributed training, so each is tested against hand-compu
 values. :func:`classification_report` gathers them into the dict that is logged during
 training and stored in a checkpoint's provenance.
 
+Top-k accuracy, the confusion matrix and ROC-AUC come from torchmetrics' functional API;
+what is left here is the handling of empty inputs and absent classes (which torchmetrics
+scores 0 where these conventions say NaN or leave the class out), the ratios read off the
+confusion matrix, and the calibration error, whose binning torchmetrics does not offer.
+
 Conventions (those of scikit-learn where it has one):
 - A ratio whose denominator is zero (precision of a class never predicted, recall of a
   class absent from the targets) is 0.
 - Macro averages run over the classes present in the targets or the predictions.
 - Balanced accuracy is the mean recall over the classes present in the targets.
-- ROC-AUC is one-vs-rest per class, from ranks (ties share their mean rank); it is NaN for
-  a class that is absent from the targets or is the only one present.
+- ROC-AUC is one-vs-rest per class, exact (a tie counts one half); it is NaN for a class
+  that is absent from the targets or is the only one present.
 """
 from __future__ import annotations
 
@@ -22,8 +27,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
-from lungvit.core.stats import average_ranks
+from torchmetrics.functional.classification import (
+    binary_auroc,
+    multiclass_accuracy,
+    multiclass_confusion_matrix,
+)
 
 
 def _check(scores: torch.Tensor, targets: torch.Tensor) -> None:
@@ -35,27 +43,33 @@ def _check(scores: torch.Tensor, targets: torch.Tensor) -> None:
 def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int = 1) -> float:
     """Fraction of samples whose target is among the ``k`` highest scores.
 
-    Ties are broken by :func:`torch.topk` (lowest index first on CPU).
+    For ``k`` = 1 the prediction is the argmax (the lowest index among tied top scores, as
+    in :func:`confusion_matrix`); for larger ``k`` ties are broken by :func:`torch.topk`.
+    ``k`` is capped at the number of classes; an empty input gives NaN (torchmetrics: 0).
     """
     _check(logits, targets)
     if logits.shape[0] == 0:
         return math.nan
     k = min(k, logits.shape[1])
-    top = logits.topk(k, dim=1).indices  # (N, k)
-    return (top == targets[:, None]).any(dim=1).float().mean().item()
+    # micro average: hits over all samples, i.e. the fraction of samples with a hit.
+    return multiclass_accuracy(logits, targets, num_classes=logits.shape[1], top_k=k,
+                               average="micro").item()
 
 
 def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(C, C) int64 counts; row = true class, column = predicted class."""
-    idx = targets.long() * num_classes + preds.long()
-    counts = torch.bincount(idx, minlength=num_classes * num_classes)
-    return counts.reshape(num_classes, num_classes)
+    return multiclass_confusion_matrix(preds.long(), targets.long(), num_classes)
 
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))
 
 
+# Precision, recall, F1 and their averages stay arithmetic on the confusion matrix: the
+# public functions below take a matrix, and torchmetrics' take labels (it derives the same
+# tp / fp / fn from its own confusion matrix and divides them the same way). The tests check
+# them against MulticlassPrecision / Recall / F1Score (average=None, and "macro" for F1,
+# whose classes with tp + fp + fn == 0 are left out just as here).
 def precision_recall_f1(cm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-class precision, recall and F1 from a confusion matrix (zero where undefined)."""
     cm = cm.double()
@@ -86,21 +100,21 @@ def roc_auc_ovr(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-class one-vs-rest ROC-AUC (C,), float64; NaN where a class cannot be scored.
 
     AUC is the Mann-Whitney statistic: the probability that a random positive scores above
-    a random negative, ties counting one half.
+    a random negative, ties counting one half (the exact area under the ROC curve).
     """
     _check(probs, targets)
     n, c = probs.shape
     out = torch.full((c,), math.nan, dtype=torch.float64)
-    if n == 0:
-        return out
+    # Each scorable class is its own binary problem: torchmetrics' multiclass AUROC scores
+    # a class without positives or negatives 0 (with a warning), and these are NaN here.
+    # binary_auroc leaves probabilities in [0, 1] as they are; thresholds=None is exact
+    # (up to float32 rounding: it divides its integer counts in float32).
     for k in range(c):
-        pos = targets == k
+        pos = (targets == k).long()  # (N,)
         n_pos = int(pos.sum())
-        n_neg = n - n_pos
-        if n_pos == 0 or n_neg == 0:
+        if n_pos == 0 or n_pos == n:
             continue
-        ranks = average_ranks(probs[:, k].double())
-        out[k] = (ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+        out[k] = binary_auroc(probs[:, k].double(), pos, thresholds=None).item()
     return out
 
 
@@ -110,6 +124,11 @@ def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor,
 
     Confidence is the top probability; bin b holds confidences in ((b-1)/n_bins, b/n_bins]
     (the first bin also holds 0). ECE = sum_b |acc_b - conf_b| * n_b / N.
+
+    Not torchmetrics' ``multiclass_calibration_error``: its bins are closed on the left,
+    [(b-1)/n_bins, b/n_bins), with a bin of its own for confidence 1.0, so a confidence on
+    an edge (a saturated softmax gives 1.0 exactly) can land in another bin and change the
+    result; its public API takes a bin count, not edges.
     """
     _check(probs, targets)
     if probs.shape[0] == 0:

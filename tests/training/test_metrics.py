@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
+import numpy as np
 import pytest
 import torch
+from torchmetrics.classification import MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 
 from lungvit.training.calibration import fit_temperature
 from lungvit.training.metrics import (
@@ -138,3 +141,118 @@ def test_temperature_scaling_degenerate_inputs() -> None:
     assert 0.04 <= t <= 1.0
     with pytest.raises(ValueError):
         fit_temperature(torch.zeros(3), torch.zeros(3, dtype=torch.long))
+
+
+# ------------------------------------------------ cross-checks against independent code
+def _np_ece(probs: np.ndarray, targets: np.ndarray, n_bins: int) -> float:
+    """ECE with bins ((b-1)/n, b/n], the first also holding 0, by a loop over bins."""
+    conf, pred = probs.max(axis=1), probs.argmax(axis=1)
+    total = 0.0
+    for b in range(n_bins):
+        lo, hi = b / n_bins, (b + 1) / n_bins
+        inside = (conf > lo) & (conf <= hi) if b else (conf <= hi)
+        if inside.any():
+            total += abs((pred[inside] == targets[inside]).sum() - conf[inside].sum())
+    return total / len(targets)
+
+
+def _np_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Mann-Whitney by all positive/negative pairs; a tie counts one half."""
+    pos, neg = scores[positive], scores[~positive]
+    if len(pos) == 0 or len(neg) == 0:
+        return math.nan
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0) + 0.5 * (diff == 0)).mean())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_match_a_numpy_computation_with_absent_classes(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    n, c = 300, 6
+    logits = 2 * torch.randn(n, c, generator=g)
+    # class 5 never occurs; class 4 is the true class of a single sample.
+    targets = torch.randint(0, 4, (n,), generator=g)
+    targets[7] = 4
+    z, t = logits.double().numpy(), targets.numpy()
+    order = np.argsort(-z, axis=1)
+    for k in (1, 2, 5):
+        expected = np.mean([t[i] in order[i, :k] for i in range(n)])
+        assert topk_accuracy(logits, targets, k) == pytest.approx(expected, abs=1e-6)
+
+    pred = z.argmax(axis=1)
+    cm_np = np.zeros((c, c), dtype=np.int64)
+    np.add.at(cm_np, (t, pred), 1)
+    cm = confusion_matrix(logits.argmax(1), targets, c)
+    assert cm.dtype == torch.int64 and cm.tolist() == cm_np.tolist()
+
+    tp = np.diag(cm_np).astype(float)
+    predicted, actual = cm_np.sum(axis=0), cm_np.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p_np = np.where(predicted > 0, tp / predicted, 0.0)
+        r_np = np.where(actual > 0, tp / actual, 0.0)
+        f_np = np.where(predicted + actual > 0, 2 * tp / (predicted + actual), 0.0)
+    precision, recall, f1 = precision_recall_f1(cm)
+    np.testing.assert_allclose(precision.numpy(), p_np, atol=1e-12)
+    np.testing.assert_allclose(recall.numpy(), r_np, atol=1e-12)
+    np.testing.assert_allclose(f1.numpy(), f_np, atol=1e-12)
+    assert macro_f1(cm) == pytest.approx(f_np[(predicted + actual) > 0].mean())
+    assert balanced_accuracy(cm) == pytest.approx(r_np[actual > 0].mean())
+
+    probs = logits.softmax(1)
+    auc = roc_auc_ovr(probs, targets)
+    p = probs.double().numpy()
+    expected_auc = [_np_auc(p[:, j], t == j) for j in range(c)]
+    # torchmetrics divides integer counts in float32: AUCs agree to float32 precision.
+    np.testing.assert_allclose(auc.numpy(), expected_auc, rtol=1e-6)  # NaN for class 5
+    assert math.isnan(auc[5]) and not math.isnan(auc[4])
+    for n_bins in (15, 7):
+        assert expected_calibration_error(probs, targets, n_bins) == pytest.approx(
+            _np_ece(p, t, n_bins), abs=1e-9)
+
+    report = classification_report(logits, targets)
+    assert report["macro_auc"] == pytest.approx(np.nanmean(expected_auc), rel=1e-6)
+    assert report["confusion_matrix"] == cm_np.tolist()
+    assert [report["per_class"][str(j)]["f1"] for j in range(c)] == pytest.approx(f_np.tolist())
+
+
+def test_ratios_from_the_confusion_matrix_agree_with_torchmetrics() -> None:
+    # precision_recall_f1 / macro_f1 work on a confusion matrix, torchmetrics on labels: the
+    # same numbers, class 5 (absent from targets and predictions) left out of the macro F1.
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(200, 6, generator=g)
+    logits[:, 5] -= 100  # never predicted
+    targets = torch.randint(0, 5, (200,), generator=g)
+    preds = logits.argmax(1)
+    precision, recall, f1 = precision_recall_f1(confusion_matrix(preds, targets, 6))
+    for ours, metric in ((precision, MulticlassPrecision), (recall, MulticlassRecall),
+                         (f1, MulticlassF1Score)):
+        theirs = metric(num_classes=6, average=None)(preds, targets)
+        np.testing.assert_allclose(ours.numpy(), theirs.double().numpy(), atol=1e-6)
+    assert macro_f1(confusion_matrix(preds, targets, 6)) == pytest.approx(
+        MulticlassF1Score(num_classes=6, average="macro")(preds, targets).item(), abs=1e-6)
+
+
+def test_top1_ties_go_to_the_lowest_index_like_the_confusion_matrix() -> None:
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0], [0.0, 1.0, 1.0, 1.0]])
+    targets = torch.tensor([1, 0, 2])  # the first two hit on the lowest tied index
+    cm = confusion_matrix(logits.argmax(1), targets, 4)
+    assert topk_accuracy(logits, targets, 1) == pytest.approx(2 / 3)
+    assert topk_accuracy(logits, targets, 1) == pytest.approx(cm.trace().item() / 3)
+
+
+def test_auc_of_an_absent_class_is_nan_without_a_warning() -> None:
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        auc = roc_auc_ovr(probs, torch.tensor([0, 1, 0]))
+        assert torch.isnan(roc_auc_ovr(probs, torch.tensor([0, 0, 0]))).all()  # one class only
+    assert auc[:2].tolist() == pytest.approx([1.0, 1.0]) and math.isnan(auc[2])
+
+
+def test_ece_keeps_a_confidence_of_one_in_the_last_bin() -> None:
+    # Confidences 1.0 (wrong) and 0.95 (right) share the bin (14/15, 1]: acc 0.5 against
+    # mean confidence 0.975. (torchmetrics' calibration error gives 1.0 a bin of its own
+    # and would say (1.0 + 0.05) / 2 = 0.525.)
+    probs = torch.tensor([[1.0, 0.0], [0.95, 0.05]])
+    targets = torch.tensor([1, 0])
+    assert expected_calibration_error(probs, targets) == pytest.approx(0.475)

@@ -65,6 +65,25 @@ def test_parameter_groups_cover_every_parameter_once() -> None:
         assert id(named[name]) not in no_decay_ids, name
 
 
+def test_weight_decay_goes_to_exactly_the_linear_and_conv_weights() -> None:
+    # Independent of the rule in optim.py: on LungViT the decayed parameters are the
+    # weights of Linear and Conv2d layers, and nothing else (no norms, biases, tokens).
+    model = create_model("lungvit_tiny")
+    expected = {f"{m_name}.weight" for m_name, m in model.named_modules()
+                if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for wd in (0.05, 0.0):  # the split, and so the parameter order, is the same at 0
+        decay, no_decay = parameter_groups(model, wd)
+        assert {names[id(p)] for p in decay["params"]} == expected
+        assert decay["weight_decay"] == wd and no_decay["weight_decay"] == 0.0
+        assert [names[id(p)] for g in (decay, no_decay) for p in g["params"]] == (
+            [n for n in names.values() if n in expected]
+            + [n for n in names.values() if n not in expected])
+    model.cls_token.requires_grad_(False)  # frozen parameters are not optimised
+    assert all(p is not model.cls_token for g in parameter_groups(model, 0.05)
+               for p in g["params"])
+
+
 def test_warmup_cosine_schedule_values() -> None:
     s = WarmupCosine(warmup_steps=4, total_steps=14, min_ratio=0.1)
     assert [s(i) for i in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8])
