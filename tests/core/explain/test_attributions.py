@@ -1,6 +1,7 @@
 """Attribution methods, the explain() entry point and overlays."""
 from __future__ import annotations
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 from lungvit.core.explain import METHODS, AttributionContext, compute, explain
 from lungvit.core.explain.api import display_map
 from lungvit.core.explain.attributions import blur, gradcam_layer
-from lungvit.core.explain.overlay import colormap, normalize_map, overlay
+from lungvit.core.explain.overlay import _lut, colormap, normalize_map, overlay
 from lungvit.core.preprocess import PreprocessConfig, to_model_input, upsample_map
 
 from .conftest import constant_image, small_vit
@@ -252,11 +253,14 @@ def test_colormap_endpoints_and_lightness_order() -> None:
         colormap(np.zeros(3), "jet")
 
 
-def test_colormap_matches_matplotlib_when_available() -> None:
-    mpl = pytest.importorskip("matplotlib")
+def test_colormap_and_overlay_table_are_matplotlibs() -> None:
     v = np.linspace(0, 1, 1001)
     for name in ("inferno", "viridis"):
-        np.testing.assert_allclose(colormap(v, name), mpl.colormaps[name](v)[:, :3], atol=7 / 255)
+        np.testing.assert_allclose(colormap(v, name), matplotlib.colormaps[name](v)[:, :3], atol=1e-7)
+        levels = np.linspace(0, 1, 1024)
+        expected = (matplotlib.colormaps[name](levels)[:, :3] * 255).astype(np.float32)
+        np.testing.assert_allclose(_lut(name), expected, atol=1e-4)
+        assert _lut(name).shape == (1024, 3) and not _lut(name).flags.writeable
 
 
 def test_overlay_opacity() -> None:
