@@ -291,3 +291,26 @@ def test_blur_keeps_constants_and_shape() -> None:
     x = torch.full((1, 1, 16, 16), 0.3)
     torch.testing.assert_close(blur(x, 2.0), x)
     assert blur(torch.randn(2, 1, 10, 12), 4.0).shape == (2, 1, 10, 12)
+
+
+def _numpy_blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of (H, W) in float64: radius round(3 sigma) (1 or more, below
+    the image's size), reflect padding without the edge pixel repeated."""
+    r = min(max(1, round(3 * sigma)), img.shape[0] - 1, img.shape[1] - 1)
+    t = np.arange(-r, r + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (t / sigma) ** 2)
+    k /= k.sum()
+    p = np.pad(img.astype(np.float64), r, mode="reflect")
+    rows = np.stack([np.convolve(row, k, mode="valid") for row in p])  # (H + 2r, W)
+    return np.stack([np.convolve(col, k, mode="valid") for col in rows.T]).T  # (H, W)
+
+
+@pytest.mark.parametrize("shape, sigma", [((16, 16), 1.0), ((32, 32), 4.0), ((10, 12), 4.0),
+                                          ((224, 224), 28.0)])
+def test_blur_matches_a_direct_convolution(shape: tuple[int, int], sigma: float) -> None:
+    x = torch.from_numpy(np.random.default_rng(5).random((2, 3, *shape), dtype=np.float32))
+    y = blur(x, sigma)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    for b in range(2):
+        for c in range(3):
+            np.testing.assert_allclose(y[b, c].numpy(), _numpy_blur(x[b, c].numpy(), sigma), atol=2e-6)
