@@ -12,7 +12,6 @@ the app's own origin is refused. Clients that are not browsers (``gradio_client`
 """
 from __future__ import annotations
 
-import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from lungvit.core.errors import LungViTError
+from lungvit.core.netaddr import host_of, is_loopback  # noqa: F401 (is_loopback: for app.main)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -103,32 +103,6 @@ class ServerPolicy:
                             "(--data-root); upload other datasets as a zip")
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a name or an address) only reaches this machine.
-
-    Args:
-        host: ``127.0.0.1``, ``::1``, ``localhost``, ``0.0.0.0``, a host name...
-
-    Returns:
-        True for loopback addresses and names that resolve only to loopback addresses.
-        ``0.0.0.0`` and ``::`` (every interface) are not loopback.
-    """
-    host = host.strip().strip("[]")
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except (socket.gaierror, UnicodeError):
-        return False
-    addresses = {info[4][0] for info in infos}
-    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback
-                                   for a in addresses)
-
-
 def _parse_pair(text: str, where: str) -> tuple[str, str]:
     user, sep, password = text.partition(":")
     if not sep or not user.strip() or not password:
@@ -181,14 +155,6 @@ def allowed_host_names(bound_host: str, extra: Iterable[str] = ()) -> frozenset[
         except socket.gaierror:
             pass
     return frozenset(names)
-
-
-def host_of(header: str) -> str:
-    """The name in a ``Host`` header, without the port (``[::1]:7860`` -> ``::1``)."""
-    header = header.strip().lower()
-    if header.startswith("["):
-        return header[1:header.find("]")] if "]" in header else header
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -244,7 +210,9 @@ class HostCheckMiddleware:
         if scope["type"] in ("http", "websocket"):
             headers = dict(scope.get("headers") or [])
             raw_host = headers.get(b"host", b"").decode("latin-1")
-            if host_of(raw_host) not in self.allowed:
+            # A Host header is host[:port]; host_of would also read a URL's host, which
+            # this check has always refused.
+            if "://" in raw_host or host_of(raw_host) not in self.allowed:
                 await self._refuse(scope, receive, send, 421,
                                    "this LungViT server does not answer to that host name")
                 return

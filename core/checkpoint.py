@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -31,6 +30,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from lungvit.core import __version__
+from lungvit.core.atomic import atomic_open
 from lungvit.core.errors import CheckpointError
 from lungvit.core.model import DEFAULT_LABELS, ModelConfig, build_model, count_parameters
 from lungvit.core.ood import TENSOR_PREFIX, FeatureDetector
@@ -215,22 +215,8 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, info: Checkp
     except TypeError as exc:
         raise CheckpointError(str(exc)) from None
     blob = safetensors.torch.save(tensors, metadata={METADATA_KEY: header})
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(blob)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    with atomic_open(path, "wb", fsync=True, fsync_dir=True) as fh:
+        fh.write(blob)
     return path
 
 

@@ -30,10 +30,11 @@ import hmac
 import logging
 import os
 import secrets
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
+
+from lungvit.core.atomic import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -128,21 +129,9 @@ def _read_or_create(path: Path) -> bytes:
     """
     if not path.exists():
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".patient-key-")  # mode 600
-        try:
-            with os.fdopen(fd, "w", encoding="ascii") as f:
-                f.write(secrets.token_hex(_SECRET_BYTES) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, path)  # never replaces a secret another process just made
-            except FileExistsError:
-                pass
-            except OSError:  # a file system without hard links
-                if not path.exists():
-                    os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        # Linked into place, never replacing a secret another process just made (mode 600).
+        with atomic_open(path, "w", encoding="ascii", fsync=True, overwrite=False) as f:
+            f.write(secrets.token_hex(_SECRET_BYTES) + "\n")
     if path.stat().st_mode & 0o077:
         os.chmod(path, 0o600)
     text = path.read_text(encoding="ascii").strip()

@@ -22,7 +22,6 @@ import json
 import logging
 import multiprocessing
 import os
-import tempfile
 import time
 import zipfile
 from collections.abc import Callable, MutableMapping, Sequence
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from lungvit.core import __version__
+from lungvit.core.atomic import atomic_open, atomic_path
 from lungvit.core.errors import ScanReadError
 from lungvit.core.ingest import load_scan
 from lungvit.core.preprocess import PreprocessConfig, resize_pixels
@@ -84,31 +84,16 @@ class CacheResult:
     path: Path | None = None
 
 
-def _atomic_target(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-
-
 def _write_json(path: Path, data: object) -> None:
-    fd, tmp = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f)
 
 
 def _write_entry(path: Path, pixels: np.ndarray, meta: dict) -> None:
-    fd, tmp = _atomic_target(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, pixels=pixels, meta=np.array(json.dumps(meta)))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path, "wb") as f:
+        np.savez(f, pixels=pixels, meta=np.array(json.dumps(meta)))
 
 
 def _read_entry(path: Path) -> tuple[np.ndarray, dict] | None:
@@ -323,10 +308,9 @@ class PreprocessCache:
         so the next build assembles the set again instead of reusing it.
         """
         n = len(hashes)
-        fd, tmp = _atomic_target(set_npy)
-        os.close(fd)
+        set_npy.parent.mkdir(parents=True, exist_ok=True)
         meta: dict = {"n": n, "ok": [False] * n, "errors": {}, "patient_keys": [None] * n}
-        try:
+        with atomic_path(set_npy) as tmp:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint16, shape=(n, size, size))
             for i, d in enumerate(hashes):
                 entry = None
@@ -344,10 +328,6 @@ class PreprocessCache:
                 meta["patient_keys"][i] = info.get("patient_key")
             out.flush()
             del out
-            os.replace(tmp, set_npy)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         if remember:
             _write_json(set_json, meta)  # written last: a set without its .json is not used
         return meta

@@ -8,12 +8,12 @@ loopback address (a local cluster: Ray's node address is 127.0.0.1), the process
 made here instead gets a store whose listening socket is bound to that address (handed to
 ``TCPStore`` as ``master_listen_fd``) and gloo and NCCL use the loopback interface.
 
-This module imports torch only; :mod:`lungvit.training.ray_launcher` runs :func:`install`
-in every Ray Train worker before Ray sets the process group up.
+This module imports torch and :mod:`lungvit.core.netaddr` only;
+:mod:`lungvit.training.ray_launcher` runs :func:`install` in every Ray Train worker before
+Ray sets the process group up.
 """
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 from datetime import timedelta
@@ -21,15 +21,9 @@ from typing import Any
 
 import torch.distributed as dist
 
+from lungvit.core.netaddr import is_loopback as is_loopback_address
+
 DEFAULT_TIMEOUT = timedelta(minutes=30)  # torch's own default for gloo and NCCL
-
-
-def is_loopback_address(addr: str) -> bool:
-    """Whether ``addr`` (an IP address; names are not resolved) is a loopback address."""
-    try:
-        return ipaddress.ip_address(addr.strip("[]")).is_loopback
-    except ValueError:
-        return addr.strip().lower() == "localhost"
 
 
 def loopback_interface() -> str | None:

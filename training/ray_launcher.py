@@ -17,7 +17,6 @@ came up on before using it.
 """
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import secrets
@@ -46,6 +45,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.torch.config import _TorchBackend
 
 from lungvit.core.errors import LungViTError
+from lungvit.core.netaddr import host_of as _host_of
+from lungvit.core.netaddr import is_loopback
 from lungvit.training.config import TrainConfig
 from lungvit.training.fit import fit
 from lungvit.training.loopback_pg import install as install_loopback_rendezvous
@@ -103,16 +104,6 @@ class Cluster:
     resources: dict[str, float] = field(default_factory=dict)
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (a name or an address) means this machine only."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_local_settings(opts: ClusterOptions, environ: Mapping[str, str] = os.environ) -> None:
     """Refuse to start a local Ray with authentication off or a dashboard off loopback.
 
@@ -135,12 +126,6 @@ def check_local_settings(opts: ClusterOptions, environ: Mapping[str, str] = os.e
             "refusing to start Ray with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER set: it makes Ray "
             "listen on every network interface. Unset it, or start a cluster yourself and "
             "pass --ray-address.")
-
-
-def _host_of(address: str) -> str:
-    """The host part of ``host:port`` or ``scheme://host:port/...``."""
-    netloc = address.split("://", 1)[-1].split("/", 1)[0]
-    return netloc.rsplit(":", 1)[0].strip("[]")
 
 
 @contextmanager

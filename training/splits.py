@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
-import os
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lungvit.core.atomic import atomic_open
 from lungvit.training.data import DatasetError
 
 if TYPE_CHECKING:
@@ -158,18 +156,6 @@ def apply_split_manifest(paths: Sequence[str], groups: Sequence[Hashable | None]
     return out, left_out
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_split_manifest(path: str | Path, index: DatasetIndex,
                         splits: dict[str, list[int]]) -> Path:
     """Write a split as CSV (path relative to the data root, label, split); no patient keys.
@@ -184,12 +170,12 @@ def save_split_manifest(path: str | Path, index: DatasetIndex,
     """
     rows = [(index.relpath(index.samples[i].path), index.samples[i].label, split)
             for split in SPLITS for i in splits.get(split, [])]
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(("path", "label", "split"))
-    writer.writerows(sorted(rows))
     out = Path(path)
-    _atomic_write_text(out, buf.getvalue())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(out, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(("path", "label", "split"))
+        writer.writerows(sorted(rows))
     return out
 
 

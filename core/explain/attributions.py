@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from captum.attr import GradientShap, IntegratedGradients, NoiseTunnel, Occlusion, Saliency
 from torch import nn
+from torchvision.transforms.v2.functional import gaussian_blur
 
 from lungvit.core.explain.rollout import attention_rollout, gradient_rollout, model_lock
 from lungvit.core.preprocess import PreprocessConfig
@@ -356,17 +357,17 @@ def gradcam(model: nn.Module, x: torch.Tensor, target: int, *, ctx: AttributionC
 
 
 def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian blur of (B, C, S, S) with reflect padding (separable, kernel 6 sigma)."""
+    """Gaussian blur of (B, C, H, W) with reflect padding (torchvision's), kernel about 6 sigma.
+
+    The kernel's radius is ``round(3 * sigma)`` (at least 1, at most the image's size
+    less one, as reflect padding needs). Applied one axis at a time: torchvision's square
+    kernel costs 40 to 70 times as much at sigma = S / 8 (S = 224 and 384, one thread).
+    """
     radius = max(1, int(round(3 * sigma)))
     radius = min(radius, x.shape[-1] - 1, x.shape[-2] - 1)
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    c = x.shape[1]
-    y = torch.nn.functional.pad(x, (radius, radius, radius, radius), mode="reflect")
-    y = torch.nn.functional.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    y = torch.nn.functional.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-    return y
+    k = 2 * radius + 1
+    y = gaussian_blur(x, kernel_size=[k, 1], sigma=[sigma, sigma])  # along W
+    return gaussian_blur(y, kernel_size=[1, k], sigma=[sigma, sigma])  # along H
 
 
 Method = Callable[..., RawAttribution]

@@ -1,54 +1,47 @@
-"""Colour maps and overlays in numpy alone (matplotlib is not a dependency of core).
+"""Colour maps and overlays on numpy arrays.
 
-The colour maps are matplotlib's perceptually uniform ``inferno`` and ``viridis`` sampled at
-17 anchors and interpolated linearly between them: within 7/255 of matplotlib's own on any
-channel (measured over 1,001 values), and monotonic in lightness like the originals.
+The colour maps are matplotlib's own perceptually uniform ``inferno`` and ``viridis``
+(``matplotlib.colormaps``; imported on first use, so importing this module stays light).
+Overlays look colours up in a 1,024-level table of the map.
 """
 from __future__ import annotations
 
 from functools import cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-_ANCHORS: dict[str, np.ndarray] = {
-    "inferno": np.array([
-        (0.0015, 0.0005, 0.0139), (0.0423, 0.0281, 0.1411), (0.1293, 0.0473, 0.2908),
-        (0.2383, 0.0366, 0.3964), (0.3415, 0.0623, 0.4294), (0.4412, 0.0993, 0.4316),
-        (0.5409, 0.1347, 0.4151), (0.6401, 0.1714, 0.3811), (0.7357, 0.2159, 0.3302),
-        (0.8224, 0.2752, 0.2661), (0.8943, 0.3534, 0.1936), (0.9470, 0.4492, 0.1153),
-        (0.9784, 0.5579, 0.0349), (0.9879, 0.6753, 0.0653), (0.9746, 0.7977, 0.2063),
-        (0.9476, 0.9174, 0.4107), (0.9884, 0.9984, 0.6449),
-    ]),
-    "viridis": np.array([
-        (0.2670, 0.0049, 0.3294), (0.2823, 0.0950, 0.4173), (0.2788, 0.1755, 0.4834),
-        (0.2590, 0.2515, 0.5247), (0.2297, 0.3224, 0.5457), (0.1994, 0.3876, 0.5546),
-        (0.1727, 0.4488, 0.5579), (0.1490, 0.5081, 0.5573), (0.1276, 0.5669, 0.5506),
-        (0.1206, 0.6258, 0.5335), (0.1579, 0.6838, 0.5017), (0.2461, 0.7389, 0.4520),
-        (0.3692, 0.7889, 0.3829), (0.5160, 0.8312, 0.2943), (0.6785, 0.8637, 0.1895),
-        (0.8456, 0.8873, 0.0997), (0.9932, 0.9062, 0.1439),
-    ]),
-}
-COLORMAPS = tuple(_ANCHORS)
+if TYPE_CHECKING:
+    from matplotlib.colors import Colormap
+
+COLORMAPS = ("inferno", "viridis")
 
 
 def colormap(values: np.ndarray, name: str = "inferno") -> np.ndarray:
-    """Map values in [0, 1] to RGB floats in [0, 1].
+    """Map values in [0, 1] to RGB floats in [0, 1] (matplotlib's colour map ``name``).
 
     Args:
         values: any shape; values outside [0, 1] are clipped, NaN maps to 0.
+        name: "inferno" or "viridis".
 
     Returns:
         ``values.shape + (3,)`` float32.
     """
-    try:
-        anchors = _ANCHORS[name]
-    except KeyError:
-        raise ValueError(f"unknown colour map {name!r}; choose from {', '.join(COLORMAPS)}") from None
-    v = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0)
-    v = np.clip(v, 0.0, 1.0) * (len(anchors) - 1)
-    i = np.minimum(v.astype(np.int64), len(anchors) - 2)  # segment index
-    t = (v - i)[..., None]
-    return ((1.0 - t) * anchors[i] + t * anchors[i + 1]).astype(np.float32)
+    cmap = _cmap(name)
+    v = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0), 0.0, 1.0)
+    return cmap(v)[..., :3].astype(np.float32)
+
+
+@cache
+def _cmap(name: str) -> Colormap:
+    """matplotlib's colour map ``name`` (ValueError for a map LungViT does not offer)."""
+    if name not in COLORMAPS:
+        raise ValueError(f"unknown colour map {name!r}; choose from {', '.join(COLORMAPS)}")
+    import matplotlib  # a required dependency, imported here only to keep imports light
+
+    cmap = matplotlib.colormaps[name]  # a copy of the registered map, ours alone
+    cmap(0.0)  # builds its table now: the lazy build on first call is not thread-safe
+    return cmap
 
 
 def normalize_map(m: np.ndarray) -> np.ndarray:
@@ -110,7 +103,7 @@ _LUT_SIZE = 1024
 
 @cache
 def _lut(name: str) -> np.ndarray:
-    """The colour map sampled at 1,024 levels, as float32 0..255 (read-only)."""
+    """matplotlib's colour map sampled at 1,024 levels, as float32 0..255 (read-only)."""
     lut = colormap(np.linspace(0.0, 1.0, _LUT_SIZE), name) * np.float32(255.0)
     lut.setflags(write=False)
     return lut

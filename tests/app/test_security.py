@@ -77,8 +77,10 @@ async def test_middleware_refuses_foreign_host() -> None:
     await mw({"type": "http", "path": "/b", "headers": [(b"host", b"localhost:1")]},
              None, send)  # type: ignore[arg-type]
     await mw({"type": "http", "path": "/c", "headers": []}, None, send)  # type: ignore[arg-type]
+    await mw({"type": "http", "path": "/d", "headers": [(b"host", b"http://localhost:1")]},
+             None, send)  # type: ignore[arg-type]
     assert calls == ["/b"]
-    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [421, 421]
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [421, 421, 421]
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """Attribution methods, the explain() entry point and overlays."""
 from __future__ import annotations
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 from lungvit.core.explain import METHODS, AttributionContext, compute, explain
 from lungvit.core.explain.api import display_map
 from lungvit.core.explain.attributions import blur, gradcam_layer
-from lungvit.core.explain.overlay import colormap, normalize_map, overlay
+from lungvit.core.explain.overlay import _lut, colormap, normalize_map, overlay
 from lungvit.core.preprocess import PreprocessConfig, to_model_input, upsample_map
 
 from .conftest import constant_image, small_vit
@@ -252,11 +253,14 @@ def test_colormap_endpoints_and_lightness_order() -> None:
         colormap(np.zeros(3), "jet")
 
 
-def test_colormap_matches_matplotlib_when_available() -> None:
-    mpl = pytest.importorskip("matplotlib")
+def test_colormap_and_overlay_table_are_matplotlibs() -> None:
     v = np.linspace(0, 1, 1001)
     for name in ("inferno", "viridis"):
-        np.testing.assert_allclose(colormap(v, name), mpl.colormaps[name](v)[:, :3], atol=7 / 255)
+        np.testing.assert_allclose(colormap(v, name), matplotlib.colormaps[name](v)[:, :3], atol=1e-7)
+        levels = np.linspace(0, 1, 1024)
+        expected = (matplotlib.colormaps[name](levels)[:, :3] * 255).astype(np.float32)
+        np.testing.assert_allclose(_lut(name), expected, atol=1e-4)
+        assert _lut(name).shape == (1024, 3) and not _lut(name).flags.writeable
 
 
 def test_overlay_opacity() -> None:
@@ -287,3 +291,26 @@ def test_blur_keeps_constants_and_shape() -> None:
     x = torch.full((1, 1, 16, 16), 0.3)
     torch.testing.assert_close(blur(x, 2.0), x)
     assert blur(torch.randn(2, 1, 10, 12), 4.0).shape == (2, 1, 10, 12)
+
+
+def _numpy_blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of (H, W) in float64: radius round(3 sigma) (1 or more, below
+    the image's size), reflect padding without the edge pixel repeated."""
+    r = min(max(1, round(3 * sigma)), img.shape[0] - 1, img.shape[1] - 1)
+    t = np.arange(-r, r + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (t / sigma) ** 2)
+    k /= k.sum()
+    p = np.pad(img.astype(np.float64), r, mode="reflect")
+    rows = np.stack([np.convolve(row, k, mode="valid") for row in p])  # (H + 2r, W)
+    return np.stack([np.convolve(col, k, mode="valid") for col in rows.T]).T  # (H, W)
+
+
+@pytest.mark.parametrize("shape, sigma", [((16, 16), 1.0), ((32, 32), 4.0), ((10, 12), 4.0),
+                                          ((224, 224), 28.0)])
+def test_blur_matches_a_direct_convolution(shape: tuple[int, int], sigma: float) -> None:
+    x = torch.from_numpy(np.random.default_rng(5).random((2, 3, *shape), dtype=np.float32))
+    y = blur(x, sigma)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    for b in range(2):
+        for c in range(3):
+            np.testing.assert_allclose(y[b, c].numpy(), _numpy_blur(x[b, c].numpy(), sigma), atol=2e-6)
