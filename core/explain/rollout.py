@@ -23,10 +23,8 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
-from timm.layers import Attention
 from torch import nn
 
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -222,115 +220,29 @@ class AttentionCapture:
     attentions: list[torch.Tensor] = field(default_factory=list)
 
 
-def _explicit_forward_applies(mod: nn.Module) -> bool:
-    """Whether :func:`_explicit_attention` computes exactly what ``mod.forward`` does.
-
-    True for timm's plain ``Attention`` (and subclasses that keep its ``forward``) without
-    the output gate; anything else is captured through timm's own unfused path.
-    """
-    return (isinstance(mod, Attention) and type(mod).forward is Attention.forward
-            and getattr(mod, "gate", None) is None and "forward" not in vars(mod))
-
-
-# Heads per block of the explicit softmax when heads are fused on the fly: 4 x 257 x 257
-# float32 weights (1 MB) stay in cache between q k^T, softmax, the fusion and attn @ v.
-_HEAD_CHUNK = 4
-
-
-@dataclass
-class _Recorder:
-    """Where a capture's explicit attention forwards put their weights."""
-
-    cap: AttentionCapture
-    owner: int
-    head_fusion: str | None  # None: record each layer's full (B, H, N, N) weights
-
-    def fuses_here(self, mod: nn.Module) -> bool:
-        # Block-wise fusion writes into preallocated outputs, which autograd cannot follow;
-        # with grad enabled the whole-tensor path runs and the hook fuses.
-        return (self.head_fusion is not None and not mod.training and not torch.is_grad_enabled()
-                and threading.get_ident() == self.owner)
-
-
-def _explicit_attention(mod: Attention, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                        is_causal: bool = False, *, recorder: _Recorder | None = None) -> torch.Tensor:
-    """timm ``Attention.forward`` with explicit softmax weights.
-
-    The same function as timm's unfused path, written so that it costs about what the fused
-    (SDPA) path costs on CPU: the scale is folded into ``baddbmm`` on strided views of the
-    qkv projection (no scaled copy of q, no copy of the transposed k). By default the
-    weights pass through ``attn_drop``, where the capture's hook records them. When the
-    capture fuses heads (``recorder.head_fusion``), heads are processed in blocks of
-    ``_HEAD_CHUNK`` and fused as they go, so the full (H, N, N) weights never leave cache.
-    On lungvit_ref64 (16 heads x 64 wide, 257 tokens, one thread) one layer took 4.3 ms
-    this way against 6.5 ms for the whole-tensor softmax plus a head mean, 4.0 ms fused.
-    """
-    if attn_mask is not None or is_causal:  # not used by ViT classifiers; keep timm's path
-        return Attention.forward(mod, x, attn_mask=attn_mask, is_causal=is_causal)
-    b, n, _ = x.shape
-    h, d = mod.num_heads, mod.head_dim
-    qkv = mod.qkv(x).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D), a view
-    q, k = mod.q_norm(qkv[0]), mod.k_norm(qkv[1])
-    q, k, v = (t.reshape(b * h, n, d) for t in (q, k, qkv[2]))  # views when B == 1
-    kt = k.transpose(1, 2)  # (B*H, D, N)
-    if recorder is None or not recorder.fuses_here(mod):
-        scores = torch.baddbmm(q.new_empty(b * h, n, n), q, kt, beta=0.0, alpha=mod.scale)
-        attn = mod.attn_drop(scores.softmax(dim=-1).view(b, h, n, n))  # the hook reads its input
-        out = torch.bmm(attn.view(b * h, n, n), v)  # (B*H, N, D)
-    else:
-        out = q.new_empty(b * h, n, d)
-        fused = q.new_empty(b, 1, n, n)
-        for i in range(b):
-            for h0 in range(0, h, _HEAD_CHUNK):
-                sl = slice(i * h + h0, i * h + min(h, h0 + _HEAD_CHUNK))
-                a = torch.baddbmm(q.new_empty(sl.stop - sl.start, n, n), q[sl], kt[sl], beta=0.0,
-                                  alpha=mod.scale).softmax(dim=-1)  # (c, N, N)
-                torch.bmm(a, v[sl], out=out[sl])
-                part = _fuse_block(a, recorder.head_fusion)
-                fused[i, 0] = part if h0 == 0 else _combine(fused[i, 0], part, recorder.head_fusion)
-        if recorder.head_fusion == "mean":
-            fused /= h
-        recorder.cap.attentions.append(fused)
-    out = out.view(b, h, n, d).transpose(1, 2).reshape(b, n, h * d)
-    return mod.proj_drop(mod.proj(mod.norm(out)))
-
-
-def _fuse_block(a: torch.Tensor, head_fusion: str) -> torch.Tensor:
-    """(c, N, N) -> (N, N): the sum (for a mean), max or min over a block of heads."""
-    if head_fusion == "mean":
-        return a.sum(dim=0)
-    return a.amax(dim=0) if head_fusion == "max" else a.amin(dim=0)
-
-
-def _combine(acc: torch.Tensor, part: torch.Tensor, head_fusion: str) -> torch.Tensor:
-    if head_fusion == "mean":
-        return acc + part
-    return torch.maximum(acc, part) if head_fusion == "max" else torch.minimum(acc, part)
-
-
 @contextlib.contextmanager
 def capture_attention(model: nn.Module, *, head_fusion: str | None = None) -> Iterator[AttentionCapture]:
     """Record every block's attention weights during forward passes on this thread.
 
-    For the duration of the block, each attention module of this instance computes its
-    softmax weights explicitly: timm's plain ``Attention`` gets :func:`_explicit_attention`
-    as an instance-level ``forward`` (the same function, about as fast as the fused path on
-    CPU); any other attention module has its ``fused_attn`` flag switched off so that timm's
-    own unfused path runs, and a hook on its ``attn_drop`` records the weights. Weights are
-    recorded without detaching, so a caller running with grad enabled can differentiate
-    through them (gradient-weighted rollout). Hooks are removed, forwards and flags restored
-    in a ``finally``; only forward passes on the calling thread are recorded. A concurrent
-    prediction on another thread meanwhile runs the same function, unrecorded.
+    For the duration of the block, each attention module of this instance that has timm's
+    ``fused_attn`` switch has it turned off, so that timm's own unfused path runs and passes
+    the softmax weights through ``attn_drop``, where a forward hook records them (modules
+    without the switch are hooked as they are). Weights are recorded without detaching, so a
+    caller running with grad enabled can differentiate through them (gradient-weighted
+    rollout). Hooks are removed and flags restored in a ``finally``; only forward passes on
+    the calling thread are recorded. A concurrent prediction on another thread meanwhile
+    runs the unfused path too (the same numbers, only slower), unrecorded.
 
     (Reading q and k from ``q_norm``/``k_norm`` hooks on the fused path and recomputing the
-    softmax was measured too: it computes q k^T and the softmax twice, so it costs more.)
+    softmax was measured too: it computes q k^T and the softmax twice, so it costs more; and
+    its weights are not in the graph of the logits, so gradient rollout could not use them.)
 
     Args:
         model: a timm VisionTransformer.
         head_fusion: None to record each layer's (B, H, N, N) weights; "mean", "max" or
             "min" to record only the (B, 1, N, N) fusion of the heads (what rollout needs),
-            computed block by block in eval mode. Keeping every layer's full weights alive
-            makes each layer allocate fresh memory (lungvit_ref64: 16 x 4.2 MB).
+            fused as each layer runs. Keeping every layer's full weights alive makes each
+            layer allocate fresh memory (lungvit_ref64: 16 x 4.2 MB).
 
     Yields:
         An :class:`AttentionCapture` filled as forward passes run.
@@ -339,37 +251,30 @@ def capture_attention(model: nn.Module, *, head_fusion: str | None = None) -> It
         raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
     mods = attention_modules(model)
     cap = AttentionCapture()
-    rec = _Recorder(cap, threading.get_ident(), head_fusion)
+    hook = _drop_hook(cap, threading.get_ident(), head_fusion)
     with model_lock(model):
         saved = [(m, m.fused_attn) for m in mods if hasattr(m, "fused_attn")]
-        replaced: list[nn.Module] = []
         handles = []
         try:
+            for m, _ in saved:
+                m.fused_attn = False
             for m in mods:
-                if _explicit_forward_applies(m):
-                    m.forward = partial(_explicit_attention, m, recorder=rec)
-                    replaced.append(m)
-                elif hasattr(m, "fused_attn"):
-                    m.fused_attn = False
-                handles.append(m.attn_drop.register_forward_hook(_drop_hook(rec)))
+                handles.append(m.attn_drop.register_forward_hook(hook))
             yield cap
         finally:
             for hd in handles:
                 hd.remove()
-            for m in replaced:
-                del m.forward
             for m, flag in saved:
                 m.fused_attn = flag
 
 
-def _drop_hook(rec: _Recorder) -> Callable[..., None]:
+def _drop_hook(cap: AttentionCapture, owner: int, head_fusion: str | None) -> Callable[..., None]:
     def hook(_mod: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
         # inputs[0] is the softmax before dropout: the weights the model used in eval
-        # mode, and still the weights (not the dropped ones) in training mode. (An explicit
-        # forward that fused the heads itself does not call attn_drop.)
-        if threading.get_ident() == rec.owner:
-            a = inputs[0]
-            rec.cap.attentions.append(a if rec.head_fusion is None else fuse_heads(a, rec.head_fusion)[:, None])
+        # mode, and still the weights (not the dropped ones) in training mode.
+        if threading.get_ident() == owner:
+            a = inputs[0]  # (B, H, N, N)
+            cap.attentions.append(a if head_fusion is None else fuse_heads(a, head_fusion)[:, None])
     return hook
 
 

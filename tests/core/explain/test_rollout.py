@@ -18,6 +18,7 @@ from lungvit.core.explain.rollout import (
     rollout,
     rollout_matrix,
 )
+from lungvit.core.model import create_model
 
 from .conftest import small_vit
 
@@ -172,7 +173,7 @@ def test_capture_can_fuse_heads_on_the_fly(fusion: str) -> None:
         pass
 
 
-def test_attention_the_capture_cannot_reproduce_falls_back_to_timms_unfused_path() -> None:
+def test_gated_attention_is_captured_through_timms_unfused_path_like_the_rest() -> None:
     model = small_vit()
     gated = model.blocks[1].attn
     gated.gate = torch.nn.Linear(gated.qkv.in_features, gated.attn_dim)  # timm's gated attention
@@ -180,13 +181,56 @@ def test_attention_the_capture_cannot_reproduce_falls_back_to_timms_unfused_path
     with torch.no_grad():
         fused_logits = model(x)
     with capture_attention(model) as cap:
-        assert "forward" not in vars(gated) and not gated.fused_attn
-        assert "forward" in vars(model.blocks[0].attn) and model.blocks[0].attn.fused_attn
+        # No forward is replaced: every block, gated or not, runs timm's own unfused path.
+        assert all("forward" not in vars(blk.attn) and not blk.attn.fused_attn for blk in model.blocks)
         with torch.no_grad():
             logits = model(x)
     assert gated.fused_attn and len(cap.attentions) == 3
     torch.testing.assert_close(logits, fused_logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(cap.attentions[1].sum(-1), torch.ones(1, 4, 65))
+
+
+def test_captured_weights_reproduce_timms_attention_output() -> None:
+    """Guard against a timm upgrade: the capture relies on timm's ``fused_attn`` switch and on
+    its unfused path passing the softmax weights (B, H, N, N) through ``attn_drop``.
+
+    If either changes, the weights recorded at ``attn_drop``, multiplied by v and projected,
+    no longer give the block's attention output (or nothing is recorded at all)."""
+    torch.manual_seed(0)
+    model = create_model("lungvit_tiny").eval()  # 64 px: 16 x 16 tokens + [CLS], 4 heads
+    with torch.no_grad():  # sharper q, k than at init, so the weights are far from uniform
+        for blk in model.blocks:
+            torch.nn.init.normal_(blk.attn.qkv.weight, std=0.5)
+            blk.attn.fused_attn = True
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        plain_logits = model(x)
+    inputs: list[torch.Tensor] = []
+    pre = [blk.attn.register_forward_pre_hook(lambda _m, args: inputs.append(args[0])) for blk in model.blocks]
+    try:
+        with torch.no_grad(), capture_attention(model) as cap:
+            logits = model(x)
+    finally:
+        for h in pre:
+            h.remove()
+    assert all(blk.attn.fused_attn for blk in model.blocks)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    torch.testing.assert_close(logits, plain_logits, rtol=1e-5, atol=1e-6)
+    assert len(cap.attentions) == len(inputs) == len(model.blocks)
+    n = 16 * 16 + 1
+    for blk, att, y in zip(model.blocks, cap.attentions, inputs):
+        a = blk.attn
+        b = y.shape[0]
+        assert att.shape == (b, a.num_heads, n, n)
+        torch.testing.assert_close(att.sum(-1), torch.ones(b, a.num_heads, n), rtol=0, atol=1e-5)
+        assert (att >= 0).all() and float(att.amax(-1).mean()) > 10 / n  # not near-uniform
+        with torch.no_grad():
+            v = a.qkv(y).reshape(b, n, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)[2]  # (B, H, N, D)
+            ours = a.proj(a.norm((att @ v).transpose(1, 2).reshape(b, n, a.attn_dim)))  # (B, N, C)
+            for fused in (True, False):
+                a.fused_attn = fused
+                torch.testing.assert_close(ours, a(y), rtol=1e-5, atol=1e-6)
+            a.fused_attn = True
 
 
 def test_capture_restores_an_unfused_setting_too() -> None:
