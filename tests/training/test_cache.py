@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lungvit.core import cli
+from lungvit.cli import main as cli
 from lungvit.core.ingest import load_scan
 from lungvit.core.preprocess import PreprocessConfig, resize_pixels
 from lungvit.training import cache as cache_mod
