@@ -172,7 +172,7 @@ def user_path_images(tmp: Path, copies: int) -> dict[str, list[Path]]:
     cache holds a version before it is first sent)."""
     from PIL import Image
 
-    from lungvit.core.dicom_write import write_dicom
+    from lungvit.synthetic.dicom_write import write_dicom
 
     rng = np.random.default_rng(0)
     out: dict[str, list[Path]] = {"png 2394x1969": [], "j2k dicom 2000x2000": []}

@@ -37,9 +37,9 @@ from lungvit.core.explain import METHODS, explain
 from lungvit.core.explain.attributions import AttributionContext, blur
 from lungvit.core.explain.rollout import rollout_matrix
 from lungvit.core.model import create_model
-from lungvit.core.phantoms import make_phantom
+from lungvit.synthetic.phantoms import make_phantom
 from lungvit.core.preprocess import PreprocessConfig, to_model_input
-from lungvit.core.reference import ReferenceViT
+from lungvit.synthetic.reference_model import ReferenceViT
 
 
 def measure(fn: Callable[[], Any], repeats: int) -> tuple[list[float], list[float], Any]:

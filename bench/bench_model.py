@@ -1,6 +1,6 @@
 """Inference speed of the LungViT variants beside the reference design at the same input size.
 
-Each variant is timed against :class:`lungvit.core.reference.ReferenceViT` (explicit
+Each variant is timed against :class:`lungvit.synthetic.reference_model.ReferenceViT` (explicit
 softmax(QK^T)V attention) at the variant's input size, in the same run and interleaved
 (variant, reference, variant, ...), so the ratios hold even on a noisy machine.
 
@@ -30,7 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lungvit.core.model import VARIANTS, count_parameters, create_model, set_fused_attention
-from lungvit.core.reference import ReferenceViT
+from lungvit.synthetic.reference_model import ReferenceViT
 
 # Variants timed by default, each beside the reference at its own input size.
 PAIRS = ("lungvit_tiny", "lungvit_ref64", "lungvit_s128", "lungvit_s224")

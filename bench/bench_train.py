@@ -3,9 +3,9 @@
 Sections (``--sections``, default all):
 
 - ``throughput``: ``lungvit_ref64`` (fused SDPA) trained end to end from PNG files (written
-  once from :mod:`lungvit.core.phantoms`, decoded by a DataLoader with workers, pinned memory,
+  once from :mod:`lungvit.synthetic.phantoms`, decoded by a DataLoader with workers, pinned memory,
   prefetching and the training augmentation), beside the reference design
-  (:class:`~lungvit.core.reference.ReferenceViT`, explicit attention, same batch and
+  (:class:`~lungvit.synthetic.reference_model.ReferenceViT`, explicit attention, same batch and
   precision, data already on the device); "vs reference" is the ratio of images/s.
   "loader wait" is the share of wall time spent in ``next(loader)``; GPU utilisation is
   sampled in a thread; "loader alone" is the pipeline's own rate (its ceiling).
@@ -76,9 +76,9 @@ except ModuleNotFoundError:  # an uninstalled checkout: lungvit.X is the reposit
 
 from lungvit.core import model as lungvit_model  # noqa: E402
 from lungvit.core.model import VARIANTS, create_model, set_fused_attention  # noqa: E402
-from lungvit.core.phantoms import CLASS_NAMES, make_phantom  # noqa: E402
+from lungvit.synthetic.phantoms import CLASS_NAMES, make_phantom  # noqa: E402
 from lungvit.core.preprocess import PreprocessConfig  # noqa: E402
-from lungvit.core.reference import ReferenceViT  # noqa: E402
+from lungvit.synthetic.reference_model import ReferenceViT  # noqa: E402
 from lungvit.training.augment import AugmentConfig, augment_batch  # noqa: E402
 from lungvit.training.optim import parameter_groups  # noqa: E402
 

@@ -13,7 +13,7 @@ from lungvit.cli import exit_codes
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``demo-data`` sub-command."""
-    from lungvit.core.phantoms import CLASS_NAMES
+    from lungvit.synthetic.phantoms import CLASS_NAMES
 
     p = sub.add_parser(
         "demo-data",
@@ -61,8 +61,8 @@ def _progress(done: int, total: int) -> None:
 def run(args: argparse.Namespace) -> int:
     """Generate and write the phantoms, then the manifest."""
     from lungvit.core.errors import LungViTError
-    from lungvit.core.phantom_files import DICOM_VARIANTS, write_mask, write_phantom
-    from lungvit.core.phantoms import make_dataset
+    from lungvit.synthetic.phantom_files import DICOM_VARIANTS, write_mask, write_phantom
+    from lungvit.synthetic.phantoms import make_dataset
 
     out: Path = args.directory
     if out.exists() and not out.is_dir():

@@ -37,7 +37,7 @@ def scans(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A phantom DICOM carrying a PHI sentinel, a PNG, and a non-scan text file."""
     from PIL import Image
 
-    from lungvit.core.dicom_write import write_dicom
+    from lungvit.synthetic.dicom_write import write_dicom
 
     root = tmp_path_factory.mktemp("scans")
     rng = np.random.default_rng(0)

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from lungvit.app import windows as w
-from lungvit.core.dicom_write import write_dicom
+from lungvit.synthetic.dicom_write import write_dicom
 
 
 @pytest.fixture(scope="module")

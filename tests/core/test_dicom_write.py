@@ -1,4 +1,4 @@
-"""Round-trips of :func:`lungvit.core.dicom_write.write_dicom` through pydicom."""
+"""Round-trips of :func:`lungvit.synthetic.dicom_write.write_dicom` through pydicom."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,9 +6,9 @@ import pydicom
 import pytest
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
-from lungvit.core.dicom_write import (PHI_MARKER, PHI_SENTINELS, TRANSFER_SYNTAXES,
+from lungvit.synthetic.dicom_write import (PHI_MARKER, PHI_SENTINELS, TRANSFER_SYNTAXES,
                                         write_dicom)
-from lungvit.core.jpeg_lossless import encode_jpeg_lossless_sv1
+from lungvit.synthetic.jpeg_lossless import encode_jpeg_lossless_sv1
 
 LOSSLESS = ["ExplicitVRLittleEndian", "ImplicitVRLittleEndian", "DeflatedExplicitVRLittleEndian",
             "RLELossless", "JPEG2000Lossless", "JPEGLSLossless", "JPEGLosslessSV1"]

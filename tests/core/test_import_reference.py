@@ -10,7 +10,7 @@ from lungvit.core.checkpoint import import_reference, load_checkpoint
 from lungvit.cli.main import main
 from lungvit.core.errors import CheckpointError
 from lungvit.core.model import DEFAULT_LABELS, VARIANTS, set_fused_attention
-from lungvit.core.reference import ReferenceViT
+from lungvit.synthetic.reference_model import ReferenceViT
 
 SMALL = dict(dim=32, depth=2, heads=4, dim_head=16, mlp_dim=48)
 

@@ -11,7 +11,7 @@ import pydicom.uid
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 
-from lungvit.core.dicom_write import PHI_MARKER, PHI_SENTINELS, write_dicom
+from lungvit.synthetic.dicom_write import PHI_MARKER, PHI_SENTINELS, write_dicom
 from lungvit.core.errors import (CorruptFileError, NoPixelDataError, ScanReadError,
                                  UnsupportedImageError)
 from lungvit.core.ingest import load_scan

@@ -22,7 +22,7 @@ from PIL import Image
 from pydicom.data.data_manager import DATA_ROOT
 from pydicom.dataset import Dataset, FileMetaDataset
 
-from lungvit.core.dicom_write import write_dicom
+from lungvit.synthetic.dicom_write import write_dicom
 from lungvit.core.errors import (CorruptFileError, DecompressionBombError, EmptyFileError,
                                  ScanReadError, UnsupportedImageError)
 from lungvit.core.ingest import load_scan

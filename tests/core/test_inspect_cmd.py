@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from lungvit.cli.main import main
-from lungvit.core.dicom_write import PHI_MARKER, PHI_SENTINELS, write_dicom
+from lungvit.synthetic.dicom_write import PHI_MARKER, PHI_SENTINELS, write_dicom
 
 
 @pytest.fixture()

@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from lungvit.cli.main import main
-from lungvit.core.dicom_write import PHI_MARKER, PHI_SENTINELS
-from lungvit.core.phantom_files import (DICOM_VARIANTS, RASTER_FORMATS, dicom_variant,
+from lungvit.synthetic.dicom_write import PHI_MARKER, PHI_SENTINELS
+from lungvit.synthetic.phantom_files import (DICOM_VARIANTS, RASTER_FORMATS, dicom_variant,
                                         write_mask, write_phantom)
-from lungvit.core.phantoms import (CLASS_NAMES, NORMAL_CLASSES, OCT_CLASSES, label_index,
+from lungvit.synthetic.phantoms import (CLASS_NAMES, NORMAL_CLASSES, OCT_CLASSES, label_index,
                                    make_dataset, make_phantom)
 
 SIZE = 96

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lungvit.cli import main as cli
-from lungvit.core.phantoms import CLASS_NAMES
+from lungvit.synthetic.phantoms import CLASS_NAMES
 from lungvit.core.phi import patient_key
 from lungvit.training.data import DatasetError, discover, patient_from_name, preview
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from lungvit.cli import main as cli
-from lungvit.core.phantoms import CLASS_NAMES
+from lungvit.synthetic.phantoms import CLASS_NAMES
 from lungvit.core.preprocess import PreprocessConfig
 from lungvit.training.augment import AugmentConfig, augment_batch
 from lungvit.training.cache import SCALE

@@ -7,7 +7,7 @@ import pytest
 
 from lungvit.core.checkpoint import load_checkpoint, read_checkpoint_info
 from lungvit.cli.main import main as cli_main
-from lungvit.core.phantoms import CLASS_NAMES
+from lungvit.synthetic.phantoms import CLASS_NAMES
 from lungvit.core.predict import Predictor, demo_model_path
 
 DEMO = Path(__file__).resolve().parents[2] / "assets" / "lungvit-demo.safetensors"

@@ -15,7 +15,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from lungvit.core.model import create_model
-from lungvit.core.phantoms import CLASS_NAMES, Phantom, make_phantom
+from lungvit.synthetic.phantoms import CLASS_NAMES, Phantom, make_phantom
 from lungvit.core.preprocess import PreprocessConfig, to_model_input
 
 # Normal, and the two chest findings whose lesions are big enough to learn at 32 pixels in

@@ -151,7 +151,7 @@ def cli_inputs(tmp_path, tiny_lungvit):
     from PIL import Image
 
     from lungvit.core.checkpoint import CheckpointInfo, save_checkpoint
-    from lungvit.core.phantoms import CLASS_NAMES, make_phantom
+    from lungvit.synthetic.phantoms import CLASS_NAMES, make_phantom
 
     ckpt = save_checkpoint(tmp_path / "tiny.safetensors", tiny_lungvit,
                            CheckpointInfo(labels=CLASS_NAMES, preprocess=CFG, temperature=1.5))

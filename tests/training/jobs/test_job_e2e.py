@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from lungvit.core.dicom_write import PHI_SENTINELS
+from lungvit.synthetic.dicom_write import PHI_SENTINELS
 from lungvit.core.predict import Predictor
 from lungvit.training.data import file_sha256
 from lungvit.training.store import JobStatus, open_store

@@ -4,7 +4,7 @@ Every DICOM variant but one carries a window or VOI LUT under which a reader tha
 the standard gets the phantom's image back up to quantisation: MONOCHROME1 is stored
 inverted, a VOI LUT undoes a non-linear stored encoding, and so on ("mono2-16" has no
 window, to exercise a reader's own choice). All DICOMs carry the sentinel PHI of
-:data:`~lungvit.core.dicom_write.PHI_SENTINELS`, with the patient's own sentinel
+:data:`~lungvit.synthetic.dicom_write.PHI_SENTINELS`, with the patient's own sentinel
 PatientID ("SENTINEL-PID-P0003"), so patient-level splits by hashed PatientID work.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 import pydicom.uid
 from PIL import Image
 
-from lungvit.core.dicom_write import PHI_MARKER, PHI_SENTINELS, write_dicom
-from lungvit.core.phantoms import Phantom
+from lungvit.synthetic.dicom_write import PHI_MARKER, PHI_SENTINELS, write_dicom
+from lungvit.synthetic.phantoms import Phantom
 
 RASTER_FORMATS: tuple[str, ...] = ("png8", "png16", "jpeg")
 DICOM_VARIANTS: tuple[str, ...] = (

@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence as DicomSequence
 
-from lungvit.core.jpeg_lossless import encode_jpeg_lossless_sv1
+from lungvit.synthetic.jpeg_lossless import encode_jpeg_lossless_sv1
 
 # Obviously fake identifying values. Text values all contain "SENTINEL" so that one
 # grep finds any leak; dates/times are impossible-looking but valid DA/TM values.
