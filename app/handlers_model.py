@@ -30,7 +30,7 @@ def model_summary(ctx: AppContext, choice: str | None = None) -> SummaryT:
     """
     from lungvit.app.handlers import PREDICTED
     from lungvit.core.errors import CheckpointError
-    from lungvit.core.model_card import model_card
+    from lungvit.core.model.card import model_card
 
     try:
         served = ctx.model_for(choice)
@@ -70,7 +70,7 @@ def load_model_file(ctx: AppContext, upload: Any, reference: bool, labels: str |
     ctx.paths.models_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     if reference:
-        from lungvit.core.checkpoint import import_reference, save_checkpoint
+        from lungvit.core.model.checkpoint import import_reference, save_checkpoint
 
         names = [x.strip() for x in (labels or "").split(",") if x.strip()] or None
         model, info = import_reference(src, labels=names)

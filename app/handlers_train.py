@@ -60,7 +60,7 @@ def preview_dataset(ctx: AppContext, folder: str | None, archive: Any
         (summary Markdown, rows [class, images, train, val, test, note], resolved folder).
     """
     from lungvit.training.config import TrainConfig
-    from lungvit.training.data import preview
+    from lungvit.training.data.discover import preview
 
     root = _dataset_dir(ctx, folder, archive)
     defaults = TrainConfig(data=str(root), out="")
@@ -101,8 +101,8 @@ def start_finetune(ctx: AppContext, folder: str | None, archive: Any, epochs: fl
         (the job's id, a status line).
     """
     from lungvit.core.errors import CheckpointError
-    from lungvit.training.data import preview
-    from lungvit.training.jobs import launch_job
+    from lungvit.training.data.discover import preview
+    from lungvit.training.jobs.runner import launch_job
 
     root = _dataset_dir(ctx, folder, archive)
     problem = preview(root)["problem"]
@@ -219,7 +219,7 @@ def _result_report(ctx: AppContext, job: Any) -> dict[str, Any]:
     the transfer policy and the comparison with the base model)."""
     if not job.result_checkpoint_path or not Path(job.result_checkpoint_path).is_file():
         return {}
-    from lungvit.core.checkpoint import read_checkpoint_info
+    from lungvit.core.model.checkpoint import read_checkpoint_info
 
     metrics = read_checkpoint_info(job.result_checkpoint_path).metrics
     return {key: metrics.get(key) or {} for key in ("test", "val", "transfer", "comparison")}
@@ -339,8 +339,8 @@ def run_details(ctx: AppContext, job_id: str | None
         verdict = _verdict(ctx, job, store.final_metrics(job.id))
     card = "This run has no model yet."
     if job.result_checkpoint_path and Path(job.result_checkpoint_path).is_file():
-        from lungvit.core.checkpoint import read_checkpoint_info
-        from lungvit.core.model_card import model_card
+        from lungvit.core.model.checkpoint import read_checkpoint_info
+        from lungvit.core.model.card import model_card
 
         card = model_card(read_checkpoint_info(job.result_checkpoint_path))
     config = json.loads(json.dumps(job.resolved_config or job.request_config, default=str))
@@ -367,7 +367,7 @@ def _num(v: float | None) -> float | None:
 @user_errors
 def resume_run(ctx: AppContext, job_id: str | None) -> str:
     """Continue an interrupted run from its last checkpoint."""
-    from lungvit.training.jobs import resume_job
+    from lungvit.training.jobs.runner import resume_job
 
     if not job_id:
         raise gr.Error("Select an interrupted run")

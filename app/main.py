@@ -237,7 +237,7 @@ def _serve(args: argparse.Namespace, auth: list[tuple[str, str]] | None,
            ctx: AppContext) -> int:
     """Prepare the upload cache and the store, then serve until Ctrl-C or SIGTERM."""
     _prepare_temp(ctx.paths.work_dir)
-    from lungvit.training.jobs import recover_interrupted
+    from lungvit.training.jobs.runner import recover_interrupted
 
     recovered = recover_interrupted(ctx.paths.db_url)
     if recovered:

@@ -2,7 +2,7 @@
 
 Showing a scan, predicting it and explaining it are separate Gradio events, and each
 used to read and decode the file again (three times for the Auto window). A
-:class:`ScanCache` keeps the decoded :class:`~lungvit.core.scan.Scan` under the file's
+:class:`ScanCache` keeps the decoded :class:`~lungvit.core.io.scan.Scan` under the file's
 content hash, the window asked for and whether identifiers were copied, so every event
 after the first finds it; the same cache keeps each scan's prediction per model and its
 last explanations (for the downloads made on request).
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lungvit.core.ingest import load_scan
-from lungvit.core.scan import Scan
+from lungvit.core.io.ingest import load_scan
+from lungvit.core.io.scan import Scan
 
 DEFAULT_MAX_BYTES = 768 << 20  # about 40 decoded 2,400 x 2,000 float32 scans
 _CHUNK = 1 << 20
@@ -65,7 +65,7 @@ class ScanCache:
     Args:
         max_bytes: the pixels (and maps) kept at most.
         reader: decodes a file: ``reader(data, name=..., window=..., include_phi=...)``
-            (default :func:`~lungvit.core.ingest.load_scan`); tests count its calls.
+            (default :func:`~lungvit.core.io.ingest.load_scan`); tests count its calls.
     """
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES,
@@ -105,7 +105,7 @@ class ScanCache:
 
         Args:
             path: the uploaded file.
-            window: as :func:`~lungvit.core.ingest.load_scan` takes it.
+            window: as :func:`~lungvit.core.io.ingest.load_scan` takes it.
             include_phi: copy identifying attributes into the metadata.
             name: the name reported in the metadata (default the file's).
 

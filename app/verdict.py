@@ -3,7 +3,7 @@
 A job compares its model with its base model (the one it started from, or for a run from
 scratch the model the session used when it started it) on its own frozen test split, and
 stores the figures with its final metrics (``compare/...``, see
-:func:`lungvit.training.compare.comparison_scalars`). :func:`job_verdict` turns them into
+:func:`lungvit.training.learn.compare.comparison_scalars`). :func:`job_verdict` turns them into
 a sentence and the reasons to ask the user before serving the model: it is not better,
 the comparison rests on too few scans, or there is no comparison at all. Pure functions
 of the stored numbers, so the handlers stay thin and the tests need no job.
@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 # Fewer compared test scans than this and a difference may well be chance (one scan of 29
-# is 3.4 points); kept equal to lungvit.training.compare.MIN_TEST_SCANS (a test checks it)
+# is 3.4 points); kept equal to lungvit.training.learn.compare.MIN_TEST_SCANS (a test checks it)
 # without importing torch into the app's start-up.
 MIN_TEST_SCANS = 30
 

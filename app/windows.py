@@ -1,5 +1,5 @@
 """Display windows that suit the scan's modality, resolved to the (center, width) that
-:func:`lungvit.core.ingest.load_scan` takes.
+:func:`lungvit.core.io.ingest.load_scan` takes.
 
 CT stores Hounsfield units, so its classic presets (lung, mediastinum, bone) mean the same
 on every CT scanner; X-ray (CR/DX), OCT and PNG/JPEG values do not, so those scans get
@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lungvit.core.errors import LungViTError
-from lungvit.core.ingest import load_scan
-from lungvit.core.pixel_math import range_window
-from lungvit.core.scan import Scan, ScanMetadata
+from lungvit.core.io.ingest import load_scan
+from lungvit.core.io.pixel_math import range_window
+from lungvit.core.io.scan import Scan, ScanMetadata
 
 FILE = "File's own window (VOI)"
 AUTO = "Auto (0.5-99.5 percentile)"

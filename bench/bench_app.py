@@ -91,8 +91,8 @@ def served_model(args: argparse.Namespace, tmp: Path) -> tuple[Path | None, str]
     if args.variant:
         import torch
 
-        from lungvit.core.checkpoint import CheckpointInfo, save_checkpoint
-        from lungvit.core.model import create_model
+        from lungvit.core.model.checkpoint import CheckpointInfo, save_checkpoint
+        from lungvit.core.model.network import create_model
 
         torch.manual_seed(0)
         path = tmp / f"{args.variant}.safetensors"
@@ -103,7 +103,7 @@ def served_model(args: argparse.Namespace, tmp: Path) -> tuple[Path | None, str]
     bundled = bundled_model_path()
     if bundled is None:
         raise SystemExit("the bundled model is not installed; pass --model or --variant")
-    from lungvit.core.checkpoint import read_checkpoint_info
+    from lungvit.core.model.checkpoint import read_checkpoint_info
 
     return None, f"bundled model ({read_checkpoint_info(bundled).variant})"
 
@@ -218,7 +218,7 @@ def predict_seconds(images: dict[str, list[Path]], model: Path | None, repeats: 
                     ) -> dict[str, float]:
     """In-process prediction of an already decoded scan (preprocess + forward + flags):
     the median of ``repeats``, per image kind."""
-    from lungvit.core.ingest import load_scan
+    from lungvit.core.io.ingest import load_scan
     from lungvit.core.predict import Predictor
 
     predictor = Predictor.from_checkpoint(model)

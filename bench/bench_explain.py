@@ -4,7 +4,7 @@
 prediction, switched off only while attention is captured; Integrated Gradients with
 Gauss-Legendre steps chosen adaptively until the convergence delta is under 1 % of the
 target logit). "Reference" is the reference design re-implemented in
-:mod:`lungvit.core.reference` (explicit softmax(QK^T)V attention) explained the textbook
+:mod:`lungvit.core.model.reference` (explicit softmax(QK^T)V attention) explained the textbook
 way: hooks plus the full rollout matrix product, Captum Integrated Gradients with 50 steps,
 the same Captum settings as ours for the sampling methods. For each method ours and
 the reference run back to back (all of ours, then all of the reference's), so a slowly
@@ -36,9 +36,9 @@ from captum.attr import GradientShap, IntegratedGradients, NoiseTunnel, Occlusio
 from lungvit.core.explain import METHODS, explain
 from lungvit.core.explain.attributions import AttributionContext, blur
 from lungvit.core.explain.rollout import rollout_matrix
-from lungvit.core.model import create_model
+from lungvit.core.model.network import create_model
 from lungvit.synthetic.phantoms import make_phantom
-from lungvit.core.preprocess import PreprocessConfig, to_model_input
+from lungvit.core.model.preprocess import PreprocessConfig, to_model_input
 from lungvit.synthetic.reference_model import ReferenceViT
 
 
@@ -127,7 +127,7 @@ def bench_variant(variant: str, *, repeats: int, methods: list[str], ref_ig: boo
                   checkpoint: str | None, ig_batch_ref: int | None) -> dict[str, Any]:
     torch.manual_seed(0)
     if checkpoint:
-        from lungvit.core.checkpoint import load_checkpoint
+        from lungvit.core.model.checkpoint import load_checkpoint
 
         model, info = load_checkpoint(checkpoint)
         size = info.preprocess.input_size if info.preprocess else info.model.img_size

@@ -13,7 +13,7 @@ fine-tune never saw:
    class out of the fine-tune entirely; ``--holdout none`` keeps nothing out (the "new
    hospital" case: a base that never saw a source, fine-tuned on scans that include it,
    scored per source on that source's unseen scans).
-3. The fine-tune is ``lungvit.training.fit.fit`` from the base with the default transfer
+3. The fine-tune is ``lungvit.training.learn.fit.fit`` from the base with the default transfer
    policy (``--transfer`` to force one; several, comma-separated, are run one after the
    other on the same split) and the base's share of the kept weights ``--base-mix``
    (``TrainConfig.base_mix``; several, comma-separated, likewise).
@@ -50,12 +50,12 @@ from typing import Any
 
 import torch
 
-from lungvit.core.checkpoint import read_checkpoint_info
+from lungvit.core.model.checkpoint import read_checkpoint_info
 from lungvit.core.predict import Predictor, bundled_model_path
-from lungvit.training.compare import compare_predictions
+from lungvit.training.learn.compare import compare_predictions
 from lungvit.training.config import TrainConfig
-from lungvit.training.data import Sample, discover
-from lungvit.training.fit import fit
+from lungvit.training.data.discover import Sample, discover
+from lungvit.training.learn.fit import fit
 
 DEFAULT_CLASSES = ("lung-covid", "lung-normal", "lung-tuberculosis", "lung-viral-pneumonia")
 

@@ -34,8 +34,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from lungvit.synthetic.dicom_write import write_dicom  # noqa: E402
-from lungvit.core.ingest import load_scan  # noqa: E402
-from lungvit.core.preprocess import PreprocessConfig, to_model_input  # noqa: E402
+from lungvit.core.io.ingest import load_scan  # noqa: E402
+from lungvit.core.model.preprocess import PreprocessConfig, to_model_input  # noqa: E402
 
 SIZES = (64, 224)
 

@@ -66,7 +66,7 @@ def _alive(pid: int) -> bool:
 
 def one_run(data: Path, tmp: Path, cancel_after: int) -> dict[str, float]:
     """One job from the button to cancelled; seconds per milestone."""
-    from lungvit.training.jobs import launch_job
+    from lungvit.training.jobs.runner import launch_job
     from lungvit.training.store import open_store
 
     url = f"sqlite:///{tmp / 'jobs.db'}"

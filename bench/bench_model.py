@@ -29,7 +29,7 @@ import torch
 
 from torch.utils.flop_counter import FlopCounterMode
 
-from lungvit.core.model import VARIANTS, count_parameters, create_model, set_fused_attention
+from lungvit.core.model.network import VARIANTS, count_parameters, create_model, set_fused_attention
 from lungvit.synthetic.reference_model import ReferenceViT
 
 # Variants timed by default, each beside the reference at its own input size.

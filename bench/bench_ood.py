@@ -6,7 +6,7 @@ sample data (an MR head slice, a portrait photo, elevation maps, a clip-art imag
 photos gradio ships. Anything that could be a chest radiograph or an OCT (DICOM modality
 CR/DX/RG/DR/OPT/OCT/OP), a label map or dose grid (SEG, RTDOSE, RTSTRUCT), or smaller than
 32 px is left out, and duplicates (one image in several encodings) are kept once. Each probe
-is decoded (DICOMs through :func:`lungvit.core.ingest.load_scan`, so with their windows) and
+is decoded (DICOMs through :func:`lungvit.core.io.ingest.load_scan`, so with their windows) and
 written as an 8-bit grayscale PNG with no header: nothing says "CT" or "photo" any more, and
 the colour rule cannot fire. The model then reads those PNGs as the app would.
 
@@ -38,9 +38,9 @@ import torch
 from PIL import Image
 
 from lungvit.core.errors import CheckpointError, ScanReadError
-from lungvit.core.ingest import load_scan
+from lungvit.core.io.ingest import load_scan
 from lungvit.core.predict import Predictor
-from lungvit.core.scan import Scan
+from lungvit.core.io.scan import Scan
 
 MIN_SIDE = 32
 # Two probes whose 32 x 32 thumbnails correlate above this are one picture twice.
@@ -215,7 +215,7 @@ def report(model: str, probes: list[Probe], probe_flags: dict[str, list],
 
 
 def _test_paths(data: str, manifest: str) -> list[Path]:
-    from lungvit.training.splits import load_split_manifest
+    from lungvit.training.data.splits import load_split_manifest
 
     rows = load_split_manifest(manifest)["test"]
     return [Path(data) / r for r in rows]

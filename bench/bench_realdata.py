@@ -40,14 +40,14 @@ from typing import Any
 
 import torch
 
-from lungvit.core.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
-from lungvit.core.ingest import load_scan
+from lungvit.core.model.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
+from lungvit.core.io.ingest import load_scan
 from lungvit.core.predict import Predictor
 from lungvit.training.config import TrainConfig
-from lungvit.training.data import discover
-from lungvit.training.fit import fit
-from lungvit.training.metrics import classification_report
-from lungvit.training.splits import load_split_manifest, save_split_manifest, split_index
+from lungvit.training.data.discover import discover
+from lungvit.training.learn.fit import fit
+from lungvit.training.learn.metrics import classification_report
+from lungvit.training.data.splits import load_split_manifest, save_split_manifest, split_index
 
 RECIPE = dict(augment_policy="acquisition", balanced_sampling=True, batch_size=32, lr=1e-3,
               weight_decay=0.05, label_smoothing=0.1, early_stopping_patience=0, seed=0)

@@ -13,7 +13,7 @@ Sections (``--sections``, default all):
   FLOPs of one training step (``FlopCounterMode``, forward + backward) times steps/s, as a
   share of the device's measured matmul peak (bf16 on GPU, fp32 on CPU).
 - ``memory``: the reference design vs LungViT at larger inputs: peak memory or "OOM".
-- ``lightning``: the real Lightning path (``lungvit.training.module``) from the same files.
+- ``lightning``: the real Lightning path (``lungvit.training.learn.module``) from the same files.
 
 The timed step is plain PyTorch (AdamW with decay on matrices only, as the Lightning module;
 gradient clipping at 1.0; bf16 autocast on GPU, fp32 on CPU). Warm-up steps are excluded;
@@ -74,13 +74,13 @@ except ModuleNotFoundError:  # an uninstalled checkout: lungvit.X is the reposit
     _pkg.__path__ = [str(Path(__file__).resolve().parents[1])]
     sys.modules["lungvit"] = _pkg
 
-from lungvit.core import model as lungvit_model  # noqa: E402
-from lungvit.core.model import VARIANTS, create_model, set_fused_attention  # noqa: E402
+from lungvit.core.model import network as lungvit_model  # noqa: E402
+from lungvit.core.model.network import VARIANTS, create_model, set_fused_attention  # noqa: E402
 from lungvit.synthetic.phantoms import CLASS_NAMES, make_phantom  # noqa: E402
-from lungvit.core.preprocess import PreprocessConfig  # noqa: E402
+from lungvit.core.model.preprocess import PreprocessConfig  # noqa: E402
 from lungvit.synthetic.reference_model import ReferenceViT  # noqa: E402
-from lungvit.training.augment import AugmentConfig, augment_batch  # noqa: E402
-from lungvit.training.optim import parameter_groups  # noqa: E402
+from lungvit.training.data.augment import AugmentConfig, augment_batch  # noqa: E402
+from lungvit.training.learn.optim import parameter_groups  # noqa: E402
 
 SECTIONS = ("throughput", "flops", "memory", "lightning")
 H100_GIB = 81559 / 1024  # an "80 GB" H100's memory as nvidia-smi reports it
@@ -442,7 +442,7 @@ def run_memory(args: argparse.Namespace, rep: Report) -> None:
 def run_lightning(args: argparse.Namespace, files: Files, rep: Report) -> None:
     try:
         import lightning as L
-        from lungvit.training.module import LungViTModule
+        from lungvit.training.learn.module import LungViTModule
     except ImportError as exc:
         rep.lines += ["## Lightning path", "", f"Skipped: {exc}.", ""]
         return
@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:  # on a shared CPU, more threads than free cores make every op spin
         torch.set_num_threads(args.threads)
     if args.device == "cuda":
-        torch.set_float32_matmul_precision("high")  # as lungvit.training.fit does
+        torch.set_float32_matmul_precision("high")  # as lungvit.training.learn.fit does
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gib * 2**30 / total))
         dev = f"{torch.cuda.get_device_name()}, bf16 autocast"

@@ -36,7 +36,7 @@ def train_one(variant: str, data: Path, work: Path, *, budget: float, threads: i
     """Train one variant for ``budget`` CPU seconds and measure it (runs in this process).
 
     Args:
-        variant: a ``lungvit.core.model.VARIANTS`` name.
+        variant: a ``lungvit.core.model.network.VARIANTS`` name.
         data: phantom folder (class sub-folders).
         work: folder for this variant's run and checkpoint.
         budget: process CPU seconds allowed for ``Trainer.fit``.
@@ -50,10 +50,10 @@ def train_one(variant: str, data: Path, work: Path, *, budget: float, threads: i
     import torch
     from lightning.pytorch.callbacks import Callback
 
-    from lungvit.core.checkpoint import load_checkpoint
-    from lungvit.core.model import VARIANTS, count_parameters
+    from lungvit.core.model.checkpoint import load_checkpoint
+    from lungvit.core.model.network import VARIANTS, count_parameters
     from lungvit.training.config import TrainConfig
-    from lungvit.training.fit import fit
+    from lungvit.training.learn.fit import fit
 
     torch.set_num_threads(threads)
 

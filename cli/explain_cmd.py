@@ -95,7 +95,7 @@ def _table(es: Any, labels: tuple[str, ...]) -> str:
 def run(args: argparse.Namespace) -> int:
     from lungvit.core.errors import ScanReadError
     from lungvit.core.explain import METHODS, explain
-    from lungvit.core.ingest import load_scan
+    from lungvit.core.io.ingest import load_scan
     from lungvit.core.predict import Predictor
 
     try:

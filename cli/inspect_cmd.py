@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Inspect every file; one bad file never stops the others."""
     from lungvit.core.errors import ScanReadError
-    from lungvit.core.ingest import load_scan
+    from lungvit.core.io.ingest import load_scan
 
     if args.show_phi:
         print("lungvit inspect: --show-phi: the output below contains patient-identifying "
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _model_view(pixels: Any, size: int) -> dict[str, Any]:
     """The model-resolution image's summary (what the network's input is made from)."""
-    from lungvit.core.preprocess import resize_pixels
+    from lungvit.core.model.preprocess import resize_pixels
 
     small = resize_pixels(pixels, size)
     return {"model_input": {"size": size, "min": round(float(small.min()), 4),
@@ -101,7 +101,7 @@ def _save(pixels: Any, out_dir: Path, stem: str, size: int) -> list[Path]:
     import numpy as np
     from PIL import Image
 
-    from lungvit.core.preprocess import resize_pixels
+    from lungvit.core.model.preprocess import resize_pixels
 
     small = resize_pixels(pixels, size).numpy()
     paths = []

@@ -16,7 +16,7 @@ from lungvit.cli import exit_codes
 from lungvit.core import __version__
 from lungvit.core.errors import LungViTError
 from lungvit.core.owner_only import owner_only_files, tighten
-from lungvit.core.phi import data_dir
+from lungvit.core.io.phi import data_dir
 
 # Each module defines ``register(subparsers)``, which adds its parser(s) and sets
 # ``func`` to a callable taking the parsed namespace and returning an exit code.

@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from lungvit.core.checkpoint import import_reference, save_checkpoint
+    from lungvit.core.model.checkpoint import import_reference, save_checkpoint
 
     if args.out.exists() and not args.force:
         raise CheckpointError(f"{args.out} exists; pass --force to overwrite it")
@@ -64,8 +64,8 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 def run_card(args: argparse.Namespace) -> int:
-    from lungvit.core.checkpoint import read_checkpoint_info
-    from lungvit.core.model_card import model_card
+    from lungvit.core.model.checkpoint import read_checkpoint_info
+    from lungvit.core.model.card import model_card
 
     print(model_card(read_checkpoint_info(args.model)), end="")
     return exit_codes.OK

@@ -164,7 +164,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 def _recover(args: argparse.Namespace) -> None:
     """Mark interrupted the running jobs whose process stopped beating, by the rule the app
     applies at start, so the command line sees (and resumes) them without the app."""
-    from lungvit.training.jobs import DEFAULT_STALE_AFTER_S, recover_interrupted
+    from lungvit.training.jobs.runner import DEFAULT_STALE_AFTER_S, recover_interrupted
 
     recovered = recover_interrupted(args.db)
     if recovered:
@@ -285,11 +285,10 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from lungvit.training import jobs
-
+    from lungvit.training.jobs import runner as jobs
     _recover(args)
     if args.wait:
-        from lungvit.training.ray_sessions import reap_job_session
+        from lungvit.training.jobs.ray_sessions import reap_job_session
 
         with _store(args) as store:
             job = store.get_job(args.job)

@@ -212,10 +212,10 @@ def run_train(args: argparse.Namespace) -> int:
     """Report the data, train, report the test metrics; exit 1 if files were skipped."""
     job = take_job_options(args)
     if job is not None:  # --workers / --ray-address: a Ray Train job tracked in the store
-        from lungvit.training.jobs import run_cli_job
+        from lungvit.training.jobs.runner import run_cli_job
 
         return run_cli_job(config_from_args(args), job)
-    from lungvit.training.fit import build_datamodule, fit, resolve_config
+    from lungvit.training.learn.fit import build_datamodule, fit, resolve_config
 
     # Lightning logs its set-up chatter (devices, tips) at INFO through its own handler;
     # show it only with --verbose, and only once (not again through the root logger).
@@ -236,7 +236,7 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"head remapped: kept {len(m['kept'])} label(s); new: "
               f"{', '.join(m['new']) or 'none'}; dropped: {', '.join(m['dropped']) or 'none'}")
     print(describe_results(result), flush=True)
-    from lungvit.training.transfer import describe_run
+    from lungvit.training.learn.transfer import describe_run
 
     print(describe_run(result.transfer, result.comparison), flush=True)
     if summary["unreadable"]:

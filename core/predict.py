@@ -5,7 +5,7 @@ class (temperature-scaled with the checkpoint's calibration), sorted, with top-k
 when an answer is uncertain (low top probability or high entropy) and when an input is
 probably not a chest X-ray or retinal OCT at all (blank, a colour photo, a CT/MR slice,
 evidence unlike the training data by the energy score, or, when the checkpoint carries a
-learned detector (:mod:`lungvit.core.ood`), features far from every training class), and why.
+learned detector (:mod:`lungvit.core.model.ood`), features far from every training class), and why.
 """
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from lungvit.core.checkpoint import CheckpointInfo, load_checkpoint
+from lungvit.core.model.checkpoint import CheckpointInfo, load_checkpoint
 from lungvit.core.errors import CheckpointError, ScanReadError
-from lungvit.core.ingest import load_scan
-from lungvit.core.ood import features_and_logits
-from lungvit.core.preprocess import PreprocessConfig, to_model_input
-from lungvit.core.scan import Scan
+from lungvit.core.io.ingest import load_scan
+from lungvit.core.model.ood import features_and_logits
+from lungvit.core.model.preprocess import PreprocessConfig, to_model_input
+from lungvit.core.io.scan import Scan
 
 # Modalities the model was built for; DICOMs of other modalities are flagged.
 EXPECTED_MODALITIES = frozenset({"CR", "DX", "RG", "DR", "OPT", "OCT", "OP", "OT", "SC"})
@@ -101,7 +101,7 @@ class Prediction:
         energy: the energy score of the logits (see :func:`energy_score`).
         temperature: the calibration temperature applied.
         feature_distance: distance of the scan's features from the nearest training class
-            (:class:`lungvit.core.ood.FeatureDetector`); None when the model has no detector.
+            (:class:`lungvit.core.model.ood.FeatureDetector`); None when the model has no detector.
         feature_threshold: the distance above which a scan is out of scope (None likewise).
     """
 

@@ -2,8 +2,8 @@
 
 A plain module with exactly the reference state-dict names (vit-pytorch style ``PreNorm`` /
 ``Attention`` / ``FeedForward``) and explicit ``softmax(q k^T / sqrt(d)) v`` attention. LungViT
-serves the timm model (:mod:`lungvit.core.model`); this model exists so the importer
-(:mod:`lungvit.core.reference`) can be tested against an independent implementation and so
+serves the timm model (:mod:`lungvit.core.model.network`); this model exists so the importer
+(:mod:`lungvit.core.model.reference`) can be tested against an independent implementation and so
 benchmarks have the figures to beat. Tests and benchmarks only.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lungvit.core.reference import STEM_CHANNELS, STEM_STRIDES
+from lungvit.core.model.reference import STEM_CHANNELS, STEM_STRIDES
 
 __all__ = ["ReferenceViT"]
 

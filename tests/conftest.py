@@ -12,7 +12,7 @@ from ._postgres import PostgresServer, unavailable_reason
 
 @pytest.fixture(scope="session", autouse=True)
 def _patient_key_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Decoding a DICOM creates the installation's patient-key secret (lungvit.core.phi);
+    """Decoding a DICOM creates the installation's patient-key secret (lungvit.core.io.phi);
     the tests (and the processes they start) use one of their own, with a fixed content so
     that patient-level splits (and what a test model learns from them) are the same on every
     machine and every run."""

@@ -1,6 +1,6 @@
 """``TrainConfig``: everything one training run needs, as a plain dataclass.
 
-The CLI (``lungvit train``) and the Ray job launcher fill one in; :func:`lungvit.training.fit.fit`
+The CLI (``lungvit train``) and the Ray job launcher fill one in; :func:`lungvit.training.learn.fit.fit`
 resolves it (defaults that depend on the data or the model) and saves the resolved copy
 beside the run as ``config.yaml``, so a run can be repeated from its folder alone.
 """
@@ -31,7 +31,7 @@ class TrainConfig:
     Args:
         data: folder of class folders (one sub-folder per label).
         out: path of the core-format checkpoint to write (``.safetensors``).
-        variant: model variant (``lungvit.core.model.VARIANTS``); None: the default variant,
+        variant: model variant (``lungvit.core.model.network.VARIANTS``); None: the default variant,
             or the variant of ``from_checkpoint``.
         from_checkpoint: fine-tune from this core checkpoint (head remapped by label name).
         input_size: model input side in pixels; None: the variant's (or checkpoint's).
@@ -68,7 +68,7 @@ class TrainConfig:
         resume_from: a Lightning ``.ckpt`` of an earlier run to continue (step count,
             optimizer and learning-rate schedule included).
         augment: augment training images.
-        augment_policy: named augmentation policy (``lungvit.training.augment.PRESETS``):
+        augment_policy: named augmentation policy (``lungvit.training.data.augment.PRESETS``):
             "basic" (small affine, brightness, contrast) or "acquisition" (also crops,
             aspect, gamma, blur, noise, resampling, JPEG and borders: other scanners/sites).
         augment_options: keyword arguments of ``AugmentConfig`` overriding the policy's.
@@ -87,7 +87,7 @@ class TrainConfig:
             research-only statement).
         transfer: with ``from_checkpoint``, how much of the base model trains: "auto"
             (chosen from the training images per class), "head", "llrd" or "full"
-            (``lungvit.training.transfer``).
+            (``lungvit.training.learn.transfer``).
         compare_to: the model the result is compared with on the test split; None: the
             ``from_checkpoint`` model (no comparison when both are None).
         base_mix: with ``from_checkpoint``, the share of the base model's weights in the
@@ -191,7 +191,7 @@ class TrainConfig:
                 and self.val_frac + self.test_frac < 1):
             problems.append(f"val_frac ({self.val_frac}) and test_frac ({self.test_frac}) must be "
                             "in (0, 1) and leave data to train on")
-        from lungvit.training.augment import PRESETS
+        from lungvit.training.data.augment import PRESETS
 
         if self.augment_policy not in PRESETS:
             problems.append(f"augment_policy must be one of {', '.join(PRESETS)}, "

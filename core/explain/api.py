@@ -22,7 +22,7 @@ from lungvit.core.explain.attributions import METHODS, AttributionContext, RawAt
 from lungvit.core.explain.faithfulness import deletion_insertion, random_maps
 from lungvit.core.explain.overlay import normalize_map, overlay
 from lungvit.core.explain.rollout import grid_shape
-from lungvit.core.preprocess import PreprocessConfig, to_model_input, upsample_map
+from lungvit.core.model.preprocess import PreprocessConfig, to_model_input, upsample_map
 
 
 @dataclass
@@ -183,7 +183,7 @@ def explain(
     Args:
         model: the served model, in eval mode (it is used as is; fused attention is turned
             off only while attention is captured, and restored).
-        pixels: (H, W) scan in [0, 1] (as :func:`lungvit.core.ingest.load_scan` returns it).
+        pixels: (H, W) scan in [0, 1] (as :func:`lungvit.core.io.ingest.load_scan` returns it).
         preprocess: the checkpoint's preprocessing constants.
         methods: any of "rollout", "grad_rollout", "ig", "gradient_shap", "smoothgrad",
             "occlusion", "gradcam".

@@ -26,7 +26,7 @@ from torch import nn
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from lungvit.core.explain.rollout import attention_rollout, gradient_rollout, model_lock
-from lungvit.core.preprocess import PreprocessConfig
+from lungvit.core.model.preprocess import PreprocessConfig
 
 # Seeded sections (SmoothGrad, GradientSHAP) fork the global RNG; forks of the process-wide
 # generator must not interleave, so they take this lock (it guards RNG state, holds no data).

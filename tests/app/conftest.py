@@ -22,8 +22,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained lungvit_tiny checkpoint (64 px, nine classes, seeded)."""
     import torch
 
-    from lungvit.core.checkpoint import CheckpointInfo, save_checkpoint
-    from lungvit.core.model import create_model
+    from lungvit.core.model.checkpoint import CheckpointInfo, save_checkpoint
+    from lungvit.core.model.network import create_model
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"

@@ -42,8 +42,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     from lungvit.app.state import make_context
     from lungvit.app.ui import build_app, launch_options, serve
-    from lungvit.core.checkpoint import CheckpointInfo, save_checkpoint
-    from lungvit.core.model import create_model
+    from lungvit.core.model.checkpoint import CheckpointInfo, save_checkpoint
+    from lungvit.core.model.network import create_model
     from lungvit.core.predict import bundled_model_path
 
     model = bundled_model_path()
@@ -88,7 +88,7 @@ def phantom_dicom(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_predict_and_explain_in_browser(page: object, phantom_dicom: Path, shots: Path) -> None:
-    from lungvit.core.checkpoint import DEFAULT_LABELS
+    from lungvit.core.model.checkpoint import DEFAULT_LABELS
 
     pg = page
     banner = pg.locator("#banner")

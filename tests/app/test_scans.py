@@ -10,7 +10,7 @@ from PIL import Image
 
 from lungvit.app import windows as w
 from lungvit.app.scans import ScanCache
-from lungvit.core.ingest import load_scan
+from lungvit.core.io.ingest import load_scan
 
 
 @pytest.fixture

@@ -25,8 +25,8 @@ def other_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A checkpoint whose labels no other model has (so its answers are recognisable)."""
     import torch
 
-    from lungvit.core.checkpoint import CheckpointInfo, save_checkpoint
-    from lungvit.core.model import create_model
+    from lungvit.core.model.checkpoint import CheckpointInfo, save_checkpoint
+    from lungvit.core.model.network import create_model
 
     torch.manual_seed(1)
     path = tmp_path_factory.mktemp("other") / "other.safetensors"
@@ -159,6 +159,6 @@ def test_verdict_from_stored_metrics() -> None:
 
 
 def test_app_threshold_matches_training() -> None:
-    from lungvit.training.compare import MIN_TEST_SCANS as TRAINING_MIN
+    from lungvit.training.learn.compare import MIN_TEST_SCANS as TRAINING_MIN
 
     assert MIN_TEST_SCANS == TRAINING_MIN

@@ -11,14 +11,14 @@ import safetensors.torch
 import torch
 
 from lungvit.core import __version__
-from lungvit.core.checkpoint import (
+from lungvit.core.model.checkpoint import (
     CheckpointInfo, Provenance, load_checkpoint, read_checkpoint_info, read_state_dict,
     save_checkpoint,
 )
 from lungvit.core.errors import CheckpointError
-from lungvit.core.model import DEFAULT_LABELS, count_parameters, create_model
-from lungvit.core.model_card import model_card
-from lungvit.core.preprocess import PreprocessConfig
+from lungvit.core.model.network import DEFAULT_LABELS, count_parameters, create_model
+from lungvit.core.model.card import model_card
+from lungvit.core.model.preprocess import PreprocessConfig
 
 
 @pytest.fixture(scope="module")

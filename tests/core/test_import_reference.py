@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lungvit.core.checkpoint import import_reference, load_checkpoint
+from lungvit.core.model.checkpoint import import_reference, load_checkpoint
 from lungvit.cli.main import main
 from lungvit.core.errors import CheckpointError
-from lungvit.core.model import DEFAULT_LABELS, VARIANTS, set_fused_attention
+from lungvit.core.model.network import DEFAULT_LABELS, VARIANTS, set_fused_attention
 from lungvit.synthetic.reference_model import ReferenceViT
 
 SMALL = dict(dim=32, depth=2, heads=4, dim_head=16, mlp_dim=48)

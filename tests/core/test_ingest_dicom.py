@@ -14,8 +14,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from lungvit.synthetic.dicom_write import PHI_MARKER, PHI_SENTINELS, write_dicom
 from lungvit.core.errors import (CorruptFileError, NoPixelDataError, ScanReadError,
                                  UnsupportedImageError)
-from lungvit.core.ingest import load_scan
-from lungvit.core.phi import PATIENT_KEY_CONTEXT, installation_secret, patient_key
+from lungvit.core.io.ingest import load_scan
+from lungvit.core.io.phi import PATIENT_KEY_CONTEXT, installation_secret, patient_key
 
 LOSSLESS = ["ExplicitVRLittleEndian", "ImplicitVRLittleEndian",
             "DeflatedExplicitVRLittleEndian", "RLELossless", "JPEG2000Lossless",

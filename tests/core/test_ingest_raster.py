@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from lungvit.core.errors import CorruptFileError
-from lungvit.core.ingest import load_scan
+from lungvit.core.io.ingest import load_scan
 
 
 def _png(arr: np.ndarray, mode: str | None = None, **save) -> bytes:

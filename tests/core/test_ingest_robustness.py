@@ -25,8 +25,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from lungvit.synthetic.dicom_write import write_dicom
 from lungvit.core.errors import (CorruptFileError, DecompressionBombError, EmptyFileError,
                                  ScanReadError, UnsupportedImageError)
-from lungvit.core.ingest import load_scan
-from lungvit.core.scan import Scan
+from lungvit.core.io.ingest import load_scan
+from lungvit.core.io.scan import Scan
 
 BOMB_SECONDS = 5.0  # the spec's bound for refusing a bomb (not a performance target)
 BOMB_PEAK_BYTES = 512 << 20

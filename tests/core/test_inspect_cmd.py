@@ -92,7 +92,7 @@ def test_save_writes_full_and_model_resolution_pngs(files, capsys, caplog, tmp_p
         full = np.asarray(im) / 255.0
     with Image.open(out_dir / "chest.model32.png") as im:
         assert im.size == (32, 32)
-    from lungvit.core.ingest import load_scan
+    from lungvit.core.io.ingest import load_scan
     np.testing.assert_allclose(full, load_scan(dcm).pixels, atol=0.5 / 255 + 1e-6)
     assert reports[0]["saved"][0].endswith("chest.full.png")
 

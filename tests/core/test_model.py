@@ -10,7 +10,7 @@ import torch
 from timm.layers import Attention
 
 from lungvit.core.errors import CheckpointError
-from lungvit.core.model import (
+from lungvit.core.model.network import (
     DEFAULT_LABELS, DEFAULT_VARIANT, VARIANTS, ModelConfig, count_parameters, create_model,
     set_fused_attention,
 )

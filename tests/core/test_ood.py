@@ -9,16 +9,16 @@ import pytest
 import safetensors.torch
 import torch
 
-from lungvit.core.checkpoint import (
+from lungvit.core.model.checkpoint import (
     CheckpointInfo, load_checkpoint, read_checkpoint_info, save_checkpoint,
 )
 from lungvit.core.errors import CheckpointError
-from lungvit.core.model import create_model
-from lungvit.core.model_card import model_card
-from lungvit.core.ood import TENSOR_PREFIX, FeatureDetector, features_and_logits, ledoit_wolf
+from lungvit.core.model.network import create_model
+from lungvit.core.model.card import model_card
+from lungvit.core.model.ood import TENSOR_PREFIX, FeatureDetector, features_and_logits, ledoit_wolf
 from lungvit.core.predict import Predictor
-from lungvit.core.preprocess import PreprocessConfig, to_model_input
-from lungvit.core.scan import Scan, ScanMetadata
+from lungvit.core.model.preprocess import PreprocessConfig, to_model_input
+from lungvit.core.io.scan import Scan, ScanMetadata
 
 LABELS = ("a", "b", "c")
 

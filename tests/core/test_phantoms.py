@@ -252,7 +252,7 @@ def test_demo_data_usage_errors(tmp_path):
 
 @pytest.mark.parametrize("dicom", [False, True])
 def test_every_demo_file_decodes(tmp_path, dicom):
-    ingest = pytest.importorskip("lungvit.core.ingest")
+    ingest = pytest.importorskip("lungvit.core.io.ingest")
     out = tmp_path / "demo"
     assert main(["demo-data", str(out), "--per-class", "2", "--size", "64",
                  *(["--dicom"] if dicom else [])]) == 0

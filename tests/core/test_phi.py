@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lungvit.core import phi
-
-
+from lungvit.core.io import phi
 @pytest.fixture
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh installation: its data directory (not created yet), no key file override."""
@@ -47,7 +45,7 @@ def test_keys_are_stable_on_one_installation_and_differ_across(
     first = phi.patient_key("PID-42")
     phi._secrets.clear()  # as a new process would: read the file again
     assert phi.patient_key("PID-42") == first
-    code = "from lungvit.core.phi import patient_key; print(patient_key('PID-42'))"
+    code = "from lungvit.core.io.phi import patient_key; print(patient_key('PID-42'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True).stdout.strip()
     assert out == first
@@ -60,7 +58,7 @@ def test_unusable_secret_means_no_key_not_a_failure(
         home: Path, caplog: pytest.LogCaptureFixture) -> None:
     home.mkdir()
     (home / phi.KEY_FILE_NAME).write_text("not hex\n")
-    caplog.set_level(logging.WARNING, logger="lungvit.core.phi")
+    caplog.set_level(logging.WARNING, logger="lungvit.core.io.phi")
     assert phi.patient_key("PID-42") is None and phi.patient_key("PID-43") is None
     warned = [r for r in caplog.records if "patient keys are off" in r.getMessage()]
     assert len(warned) == 1 and "PID-4" not in warned[0].getMessage()

@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from lungvit.core.checkpoint import CheckpointInfo, save_checkpoint
+from lungvit.core.model.checkpoint import CheckpointInfo, save_checkpoint
 from lungvit.cli.main import main as cli_main
 from lungvit.core.errors import ScanReadError
-from lungvit.core.model import create_model
+from lungvit.core.model.network import create_model
 from lungvit.core.predict import Predictor, energy_score
-from lungvit.core.preprocess import PreprocessConfig, to_model_input
-from lungvit.core.scan import Scan, ScanMetadata
+from lungvit.core.model.preprocess import PreprocessConfig, to_model_input
+from lungvit.core.io.scan import Scan, ScanMetadata
 
 
 @pytest.fixture(scope="module")

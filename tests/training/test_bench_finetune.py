@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lungvit.training.data import Sample
+from lungvit.training.data.discover import Sample
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_finetune.py"
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lungvit.core.checkpoint import read_checkpoint_info
+from lungvit.core.model.checkpoint import read_checkpoint_info
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_realdata.py"
 

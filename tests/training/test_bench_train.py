@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from lungvit.core.model import DEFAULT_VARIANT
+from lungvit.core.model.network import DEFAULT_VARIANT
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "bench_train.py"
 # Packages the GPU machine does not have: the benchmark must run without them.

@@ -9,7 +9,7 @@ from types import ModuleType
 import pytest
 
 from lungvit.cli.main import main as cli_main
-from lungvit.core.model import count_parameters, create_model
+from lungvit.core.model.network import count_parameters, create_model
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "bench_variants.py"
 

@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from lungvit.cli import main as cli
-from lungvit.core.ingest import load_scan
-from lungvit.core.preprocess import PreprocessConfig, resize_pixels
-from lungvit.training import cache as cache_mod
-from lungvit.training.cache import SCALE, PreprocessCache
-from lungvit.training.data import Sample
+from lungvit.core.io.ingest import load_scan
+from lungvit.core.model.preprocess import PreprocessConfig, resize_pixels
+from lungvit.training.data import cache as cache_mod
+from lungvit.training.data.cache import SCALE, PreprocessCache
+from lungvit.training.data.discover import Sample
 
 CFG = PreprocessConfig(input_size=32)
 

@@ -15,12 +15,12 @@ from PIL import Image
 
 from lungvit.cli import main as cli
 from lungvit.synthetic.phantoms import CLASS_NAMES
-from lungvit.core.preprocess import PreprocessConfig
-from lungvit.training.augment import AugmentConfig, augment_batch
-from lungvit.training.cache import SCALE
-from lungvit.training.data import DatasetError, discover, preview
-from lungvit.training.datamodule import ScanDataModule
-from lungvit.training.splits import load_split_manifest
+from lungvit.core.model.preprocess import PreprocessConfig
+from lungvit.training.data.augment import AugmentConfig, augment_batch
+from lungvit.training.data.cache import SCALE
+from lungvit.training.data.discover import DatasetError, discover, preview
+from lungvit.training.data.datamodule import ScanDataModule
+from lungvit.training.data.splits import load_split_manifest
 
 CFG = PreprocessConfig(input_size=32, mean=0.5, std=0.25)
 ZERO = AugmentConfig(rotation_deg=0, scale=(1, 1), translate=0, brightness=0, contrast=0)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from lungvit.core.checkpoint import load_checkpoint, read_checkpoint_info
+from lungvit.core.model.checkpoint import load_checkpoint, read_checkpoint_info
 from lungvit.cli.main import main as cli_main
 from lungvit.synthetic.phantoms import CLASS_NAMES
 from lungvit.core.predict import Predictor, demo_model_path

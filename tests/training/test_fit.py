@@ -8,11 +8,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lungvit.core.checkpoint import load_checkpoint, read_checkpoint_info
+from lungvit.core.model.checkpoint import load_checkpoint, read_checkpoint_info
 from lungvit.cli.main import main as cli_main
-from lungvit.core.model import DEFAULT_VARIANT, VARIANTS, create_model
+from lungvit.core.model.network import DEFAULT_VARIANT, VARIANTS, create_model
 from lungvit.training.config import TrainConfig, TrainConfigError
-from lungvit.training.fit import adapt_model, fit, resolve_config, resolve_precision
+from lungvit.training.learn.fit import adapt_model, fit, resolve_config, resolve_precision
 
 
 def _demo_data(path: Path, per_class: int, *, size: int = 64, seed: int = 1,

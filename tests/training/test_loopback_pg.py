@@ -9,14 +9,14 @@ import sys
 
 import pytest
 
-from lungvit.training.loopback_pg import is_loopback_address, loopback_interface
+from lungvit.training.jobs.loopback_pg import is_loopback_address, loopback_interface
 
 _GROUP = """
 import json, os, sys
 from pathlib import Path
 import torch.distributed as dist
 if sys.argv[2] == "loopback":
-    from lungvit.training import loopback_pg
+    from lungvit.training.jobs import loopback_pg
     loopback_pg.install()
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
 dist.init_process_group("gloo", init_method="env://", rank=0, world_size=1)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 
-from lungvit.training.calibration import fit_temperature
-from lungvit.training.metrics import (
+from lungvit.training.learn.calibration import fit_temperature
+from lungvit.training.learn.metrics import (
     balanced_accuracy,
     classification_report,
     confusion_matrix,

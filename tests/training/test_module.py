@@ -9,8 +9,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
-from lungvit.core.model import create_model
-from lungvit.training.module import (
+from lungvit.core.model.network import create_model
+from lungvit.training.learn.module import (
     FreezeEarlyLayers,
     LungViTModule,
     WarmupCosine,

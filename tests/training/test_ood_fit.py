@@ -7,13 +7,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lungvit.core.checkpoint import load_checkpoint
+from lungvit.core.model.checkpoint import load_checkpoint
 from lungvit.cli.main import main as cli_main
-from lungvit.core.ingest import load_scan
+from lungvit.core.io.ingest import load_scan
 from lungvit.core.predict import Predictor
 from lungvit.training.config import TrainConfig
-from lungvit.training.fit import fit
-from lungvit.training.splits import load_split_manifest
+from lungvit.training.learn.fit import fit
+from lungvit.training.data.splits import load_split_manifest
 
 CLASSES = ("lung-normal", "lung-opacity", "lung-oct-normal", "lung-oct-cnv")
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lungvit.core.checkpoint import load_checkpoint, read_checkpoint_info
-from lungvit.core.ingest import load_scan
-from lungvit.core.model_card import model_card
+from lungvit.core.model.checkpoint import load_checkpoint, read_checkpoint_info
+from lungvit.core.io.ingest import load_scan
+from lungvit.core.model.card import model_card
 from lungvit.core.predict import Predictor, bundled_model_path
 
 ROOT = Path(__file__).resolve().parents[2]

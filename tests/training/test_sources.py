@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from lungvit.core.phi import patient_key
-from lungvit.training.augment import PRESETS, AugmentConfig, augment_batch, augment_config
-from lungvit.training.data import discover, patient_from_name, source_from_name
-from lungvit.training.datamodule import balanced_weights
-from lungvit.training.splits import split_index
+from lungvit.core.io.phi import patient_key
+from lungvit.training.data.augment import PRESETS, AugmentConfig, augment_batch, augment_config
+from lungvit.training.data.discover import discover, patient_from_name, source_from_name
+from lungvit.training.data.datamodule import balanced_weights
+from lungvit.training.data.splits import split_index
 
 
 @pytest.mark.parametrize("name, source, patient", [
@@ -95,8 +95,8 @@ def test_balanced_weights_equalise_classes_then_sources() -> None:
 
 
 def test_balanced_loader_draws_classes_equally(sourced: Path, tmp_path: Path) -> None:
-    from lungvit.core.preprocess import PreprocessConfig
-    from lungvit.training.datamodule import ScanDataModule
+    from lungvit.core.model.preprocess import PreprocessConfig
+    from lungvit.training.data.datamodule import ScanDataModule
 
     dm = ScanDataModule(sourced, preprocess=PreprocessConfig(input_size=16), batch_size=8,
                         augment=None, cache_dir=tmp_path / "cache", balanced=True, seed=1)
@@ -168,7 +168,7 @@ def test_presets_and_validation() -> None:
 def test_train_split_option_reaches_the_config(tmp_path: Path) -> None:
     import argparse
 
-    from lungvit.training import commands
+    from lungvit.cli import train_cmd as commands
 
     parser = argparse.ArgumentParser()
     commands.register(parser.add_subparsers(dest="command"))

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lungvit.training.data import DatasetError, DatasetIndex, Sample
-from lungvit.training.splits import (apply_split_manifest, load_split_manifest,
+from lungvit.training.data.discover import DatasetError, DatasetIndex, Sample
+from lungvit.training.data.splits import (apply_split_manifest, load_split_manifest,
                                      save_split_manifest, split_indices)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lungvit.core.checkpoint import read_checkpoint_info
+from lungvit.core.model.checkpoint import read_checkpoint_info
 from lungvit.cli.main import build_parser, main
 from lungvit.cli.train_cmd import config_from_args
 
@@ -63,7 +63,7 @@ def test_help_names_every_option() -> None:
                    "--loader-workers", "--run-dir", "--resume", "--fast-dev-run",
                    "--transfer", "--compare-to"):
         assert option in out.stdout, option
-    from lungvit.core.model import DEFAULT_VARIANT  # the help names the real default
+    from lungvit.core.model.network import DEFAULT_VARIANT  # the help names the real default
     assert f"default: {DEFAULT_VARIANT}" in " ".join(out.stdout.split())
 
 

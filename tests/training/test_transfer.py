@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from lungvit.core.checkpoint import load_checkpoint, read_checkpoint_info
+from lungvit.core.model.checkpoint import load_checkpoint, read_checkpoint_info
 from lungvit.cli.main import main as cli_main
-from lungvit.core.model import create_model
+from lungvit.core.model.network import create_model
 from lungvit.core.predict import Predictor
-from lungvit.training.compare import (comparison_scalars, compare_predictions,
+from lungvit.training.learn.compare import (comparison_scalars, compare_predictions,
                                       describe_comparison, label_metrics)
 from lungvit.training.config import TrainConfig, TrainConfigError
-from lungvit.training.fit import fit
-from lungvit.training.module import scaled_parameter_groups
-from lungvit.training.store_callback import final_metrics
-from lungvit.training.transfer import (LARGE_PER_CLASS, LAYER_DECAY, SMALL_PER_CLASS,
+from lungvit.training.learn.fit import fit
+from lungvit.training.learn.module import scaled_parameter_groups
+from lungvit.training.jobs.store_callback import final_metrics
+from lungvit.training.learn.transfer import (LARGE_PER_CLASS, LAYER_DECAY, SMALL_PER_CLASS,
                                        choose_policy, describe_run, mix_with_base)
 
 DEPTH = 4  # lungvit_tiny
@@ -184,7 +184,7 @@ def test_comparison_with_a_model_of_another_input_size(tmp_path: Path) -> None:
     """A run from scratch compared with a given model that reads 64 px scans (the run: 32)."""
     data = _demo(tmp_path / "d", 10, ("lung-normal", "lung-covid"))
     other = tmp_path / "other.safetensors"
-    from lungvit.core.checkpoint import CheckpointInfo, save_checkpoint
+    from lungvit.core.model.checkpoint import CheckpointInfo, save_checkpoint
 
     torch.manual_seed(5)
     save_checkpoint(other, create_model("lungvit_tiny", num_classes=2).eval(),
@@ -213,7 +213,7 @@ def test_comparison_with_a_model_of_another_input_size(tmp_path: Path) -> None:
 
 
 def test_the_job_summary_line_says_better_or_worse() -> None:
-    from lungvit.training.jobs import comparison_line
+    from lungvit.training.jobs.runner import comparison_line
 
     assert comparison_line({"test/acc": 0.9}) == ""
     line = comparison_line({"compare/n_test": 40.0, "compare/base_acc": 0.5,

@@ -10,7 +10,7 @@ import torch
 
 from lungvit.cli.main import main
 from lungvit.core.errors import CheckpointError
-from lungvit.core.reference import load_weights_only, read_training_checkpoint
+from lungvit.core.model.reference import load_weights_only, read_training_checkpoint
 
 
 class _Payload:

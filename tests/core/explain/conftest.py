@@ -14,9 +14,9 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from lungvit.core.model import create_model
+from lungvit.core.model.network import create_model
 from lungvit.synthetic.phantoms import CLASS_NAMES, Phantom, make_phantom
-from lungvit.core.preprocess import PreprocessConfig, to_model_input
+from lungvit.core.model.preprocess import PreprocessConfig, to_model_input
 
 # Normal, and the two chest findings whose lesions are big enough to learn at 32 pixels in
 # a few hundred steps (viral pneumonia's fine streaks and tuberculosis' small cavities are not).

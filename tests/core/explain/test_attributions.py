@@ -10,7 +10,7 @@ from lungvit.core.explain import METHODS, AttributionContext, compute, explain
 from lungvit.core.explain.api import display_map
 from lungvit.core.explain.attributions import blur, gradcam_layer
 from lungvit.core.explain.overlay import _lut, colormap, normalize_map, overlay
-from lungvit.core.preprocess import PreprocessConfig, to_model_input, upsample_map
+from lungvit.core.model.preprocess import PreprocessConfig, to_model_input, upsample_map
 
 from .conftest import constant_image, small_vit
 

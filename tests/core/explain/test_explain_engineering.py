@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lungvit.core.explain import explain
-from lungvit.core.preprocess import PreprocessConfig
+from lungvit.core.model.preprocess import PreprocessConfig
 
 CFG = PreprocessConfig(input_size=32)
 HOOKED = ["rollout", "grad_rollout", "gradcam"]
@@ -150,7 +150,7 @@ def test_concurrent_explain_and_predict_are_correct(tiny_lungvit) -> None:
 def cli_inputs(tmp_path, tiny_lungvit):
     from PIL import Image
 
-    from lungvit.core.checkpoint import CheckpointInfo, save_checkpoint
+    from lungvit.core.model.checkpoint import CheckpointInfo, save_checkpoint
     from lungvit.synthetic.phantoms import CLASS_NAMES, make_phantom
 
     ckpt = save_checkpoint(tmp_path / "tiny.safetensors", tiny_lungvit,

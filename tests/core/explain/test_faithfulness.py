@@ -16,7 +16,7 @@ from lungvit.core.explain.faithfulness import (
     spearman,
     target_probs,
 )
-from lungvit.core.preprocess import resize_pixels, to_model_input
+from lungvit.core.model.preprocess import resize_pixels, to_model_input
 
 from .conftest import TrainedPhantomModel, lesion_phantoms
 

@@ -18,7 +18,7 @@ from lungvit.core.explain.rollout import (
     rollout,
     rollout_matrix,
 )
-from lungvit.core.model import create_model
+from lungvit.core.model.network import create_model
 
 from .conftest import small_vit
 

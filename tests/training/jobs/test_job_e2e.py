@@ -20,7 +20,7 @@ import pytest
 
 from lungvit.synthetic.dicom_write import PHI_SENTINELS
 from lungvit.core.predict import Predictor
-from lungvit.training.data import file_sha256
+from lungvit.training.data.discover import file_sha256
 from lungvit.training.store import JobStatus, open_store
 
 from .conftest import expected_metric_keys, session_processes
@@ -161,8 +161,8 @@ def _other_model(path: Path) -> Path:
     """An untrained 64 px model of the nine classes to compare the job's model with."""
     import torch
 
-    from lungvit.core.checkpoint import CheckpointInfo, save_checkpoint
-    from lungvit.core.model import create_model
+    from lungvit.core.model.checkpoint import CheckpointInfo, save_checkpoint
+    from lungvit.core.model.network import create_model
 
     torch.manual_seed(3)
     save_checkpoint(path, create_model("lungvit_tiny").eval(), CheckpointInfo())

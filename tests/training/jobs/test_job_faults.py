@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lungvit.training import jobs
+from lungvit.training.jobs import runner as jobs
 from lungvit.training.store import JobStatus, open_store
 
 from .conftest import (STEPS_PER_EPOCH, expected_metric_keys, ray_workers, session_processes,
@@ -123,8 +123,8 @@ def test_a_killed_job_is_recovered_and_resumed_from_its_last_checkpoint(
 
 def _session_left(pid: int) -> list[int]:
     """The processes of the Ray cluster that job process ``pid`` started still running."""
-    from lungvit.training.ray_sessions import session_dirs
-    from lungvit.training.ray_sessions import session_processes as of_session
+    from lungvit.training.jobs.ray_sessions import session_dirs
+    from lungvit.training.jobs.ray_sessions import session_processes as of_session
 
     return [p for d in session_dirs(pid) for p in of_session(d)]
 

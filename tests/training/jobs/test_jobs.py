@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from lungvit.training import jobs
+from lungvit.training.jobs import runner as jobs
 from lungvit.training.config import TrainConfig
-from lungvit.training.jobs import JobError, JobRequest
+from lungvit.training.jobs.runner import JobError, JobRequest
 from lungvit.training.store import JobStatus, open_store
 
 

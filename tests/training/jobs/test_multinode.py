@@ -23,7 +23,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.pool import NullPool
 
-from lungvit.training.data import file_sha256
+from lungvit.training.data.discover import file_sha256
 from lungvit.training.store import JobStatus, open_store
 
 from .conftest import STEPS_PER_EPOCH, expected_metric_keys, kill_session, wait_for

@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 
-from lungvit.training import ray_launcher
-from lungvit.training.ray_launcher import ClusterOptions, RaySecurityError
+from lungvit.training.jobs import ray_launcher
+from lungvit.training.jobs.ray_launcher import ClusterOptions, RaySecurityError
 
 
 @pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.8.0.1", True),
@@ -64,7 +64,7 @@ def test_connect_refuses_before_starting_anything(monkeypatch: pytest.MonkeyPatc
 _CLUSTER = textwrap.dedent("""
     import json, os, subprocess, sys
     from pathlib import Path
-    from lungvit.training.ray_launcher import ClusterOptions, connect, ray_descendants
+    from lungvit.training.jobs.ray_launcher import ClusterOptions, connect, ray_descendants
 
     def listening(pids):
         inodes = set()

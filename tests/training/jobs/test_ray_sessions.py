@@ -80,7 +80,7 @@ def test_recovering_a_killed_job_ends_its_ray_processes_only(
 
 
 def test_only_a_dead_local_job_is_reaped(tmp_path: Path, processes: list) -> None:
-    from lungvit.training.ray_sessions import reap_job_session
+    from lungvit.training.jobs.ray_sessions import reap_job_session
 
     root = tmp_path / "ray"
     mine = _session(root, DEAD_PID, 40001)

@@ -9,9 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lungvit.training import ray_launcher
-
-
+from lungvit.training.jobs import ray_launcher
 @pytest.fixture
 def reported(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     steps: list[int] = []

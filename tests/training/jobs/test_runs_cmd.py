@@ -10,7 +10,7 @@ import pytest
 
 from lungvit.cli.main import build_parser, main
 from lungvit.training.config import TrainConfig
-from lungvit.training.jobs import request_from_cli
+from lungvit.training.jobs.runner import request_from_cli
 from lungvit.cli.runs_cmd import take_job_options
 from lungvit.training.store import JobStatus, open_store
 

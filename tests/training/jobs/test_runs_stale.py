@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from lungvit.cli.main import main
-from lungvit.training import jobs
+from lungvit.training.jobs import runner as jobs
 from lungvit.training.store import JobStatus, open_store
 
 

@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lungvit.core.checkpoint import load_checkpoint
+from lungvit.core.model.checkpoint import load_checkpoint
 from lungvit.training.config import TrainConfig
-from lungvit.training.data import file_sha256
-from lungvit.training.fit import fit
+from lungvit.training.data.discover import file_sha256
+from lungvit.training.learn.fit import fit
 from lungvit.training.store import AttemptConflictError, JobStatus, open_store
-from lungvit.training.store_callback import (StoreCallback, epoch_metrics, eval_metrics,
+from lungvit.training.jobs.store_callback import (StoreCallback, epoch_metrics, eval_metrics,
                                              step_metrics)
 
 from .conftest import EPOCH_NAMES, VAL_NAMES

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from lungvit.core.preprocess import PreprocessConfig
-from lungvit.training.augment import AugmentConfig, augment_batch
-from lungvit.training.cache import SCALE, CacheResult, PreprocessCache, default_cache_dir
-from lungvit.training.data import DatasetError, DatasetIndex, check_classes, discover
-from lungvit.training.splits import (SPLITS, apply_split_manifest, load_split_manifest,
+from lungvit.core.model.preprocess import PreprocessConfig
+from lungvit.training.data.augment import AugmentConfig, augment_batch
+from lungvit.training.data.cache import SCALE, CacheResult, PreprocessCache, default_cache_dir
+from lungvit.training.data.discover import DatasetError, DatasetIndex, check_classes, discover
+from lungvit.training.data.splits import (SPLITS, apply_split_manifest, load_split_manifest,
                                      save_split_manifest, split_index)
 
 
@@ -97,7 +97,7 @@ class ScanDataModule(L.LightningDataModule):
     """Labelled scans (folders of class folders, a CSV manifest or a :class:`DatasetIndex`).
 
     Args:
-        data: the data set (see :func:`lungvit.training.data.discover`).
+        data: the data set (see :func:`lungvit.training.data.discover.discover`).
         preprocess: the model's preprocessing (input size, mean, std).
         batch_size: samples per batch.
         num_workers: DataLoader workers, also the decoding processes of the cache build.

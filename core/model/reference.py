@@ -1,7 +1,7 @@
 """Reading reference-design ``.pth`` files (the model of DESIGN.md) into the timm model.
 
 :func:`reference_config` and :func:`reference_to_timm` map such state dicts onto the timm
-LungViT model; :func:`lungvit.core.checkpoint.import_reference` is the user-facing importer;
+LungViT model; :func:`lungvit.core.model.checkpoint.import_reference` is the user-facing importer;
 :func:`load_weights_only` reads a ``.pth`` without running code from it. The reference model
 itself, an independent implementation the importer is tested against and the benchmarks
 compare with, is :class:`lungvit.synthetic.reference_model.ReferenceViT`.
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from lungvit.core.errors import CheckpointError
-from lungvit.core.model import VARIANTS, ModelConfig
+from lungvit.core.model.network import VARIANTS, ModelConfig
 
 __all__ = ["STEM_CHANNELS", "STEM_STRIDES", "load_weights_only",
            "read_training_checkpoint", "reference_config", "reference_to_timm",
@@ -145,7 +145,7 @@ def torch_state_dict(name: str, data: bytes) -> dict[str, torch.Tensor]:
 
 
 
-# Reference key -> timm key (lungvit.core.model). The 2-D Linear after flattening becomes
+# Reference key -> timm key (lungvit.core.model.network). The 2-D Linear after flattening becomes
 # HybridEmbed's 1x1 conv; everything else keeps its shape.
 _KEY_MAP: tuple[tuple[str, str], ...] = (
     (r"conv_stem\.(\d+)\.(.+)", r"patch_embed.backbone.\1.\2"),

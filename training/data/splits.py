@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lungvit.core.atomic import atomic_open
-from lungvit.training.data import DatasetError
+from lungvit.training.data.discover import DatasetError
 
 if TYPE_CHECKING:
-    from lungvit.training.data import DatasetIndex
+    from lungvit.training.data.discover import DatasetIndex
 
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
 

@@ -22,7 +22,7 @@ A run from scratch has the policy ``scratch`` (nothing frozen, one rate). ``Trai
 transfer`` may name a policy instead of ``auto``. The chosen policy and why are written to
 the run's report, the checkpoint's metrics (``metrics["transfer"]``) and the printed summary.
 
-The head: :func:`lungvit.training.fit.adapt_model` gives a run whose labels differ from the
+The head: :func:`lungvit.training.learn.fit.adapt_model` gives a run whose labels differ from the
 base's a new, freshly initialised head sized for its labels; the rows of labels the base
 also has (matched by name) are copied from the base's head, so what the base knew of those
 classes is the starting point, and the base's other labels are dropped. Frozen parameters
@@ -47,7 +47,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lungvit.training.config import TrainConfig, TrainConfigError
-from lungvit.training.module import FreezeEarlyLayers
+from lungvit.training.learn.module import FreezeEarlyLayers
 
 POLICIES = ("auto", "head", "llrd", "full")
 SMALL_PER_CLASS = 50  # below: train the head and the last block(s) only
@@ -220,7 +220,7 @@ def plan_transfer(cfg: TrainConfig, train_counts: Mapping[str, int],
 def describe_run(transfer: Mapping[str, Any] | None,
                  comparison: Mapping[str, Any] | None) -> str:
     """The policy and the base-vs-tuned comparison of a finished run, for the summary."""
-    from lungvit.training.compare import describe_comparison
+    from lungvit.training.learn.compare import describe_comparison
 
     lines = []
     if transfer:

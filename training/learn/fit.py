@@ -10,7 +10,7 @@ Its run folder holds what is needed to resume or repeat the run::
     <run_dir>/logs/metrics.csv   scalar metrics per step / evaluation
     <run_dir>/report.json        final validation and test metrics, temperature, timings
 
-The deliverable is ``cfg.out``: a core checkpoint (:func:`lungvit.core.checkpoint.save_checkpoint`)
+The deliverable is ``cfg.out``: a core checkpoint (:func:`lungvit.core.model.checkpoint.save_checkpoint`)
 of the plain model with its labels, preprocessing, calibration temperature and provenance.
 """
 from __future__ import annotations
@@ -34,22 +34,22 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lungvit.core.checkpoint import CheckpointInfo, Provenance, load_checkpoint, save_checkpoint
-from lungvit.core.model import DEFAULT_VARIANT, VARIANTS, build_model, create_model
+from lungvit.core.model.checkpoint import CheckpointInfo, Provenance, load_checkpoint, save_checkpoint
+from lungvit.core.model.network import DEFAULT_VARIANT, VARIANTS, build_model, create_model
 from lungvit.core.predict import energy_score
-from lungvit.core.preprocess import PreprocessConfig
-from lungvit.core.reference import read_training_checkpoint
-from lungvit.training.augment import augment_config
-from lungvit.training.calibration import fit_temperature
-from lungvit.training.compare import compare_with_base
+from lungvit.core.model.preprocess import PreprocessConfig
+from lungvit.core.model.reference import read_training_checkpoint
+from lungvit.training.data.augment import augment_config
+from lungvit.training.learn.calibration import fit_temperature
+from lungvit.training.learn.compare import compare_with_base
 from lungvit.training.config import TrainConfig, TrainConfigError
-from lungvit.training.data import DatasetError, count_sources
-from lungvit.training.datamodule import ScanDataModule
-from lungvit.training.metrics import classification_report, scalar_metrics
-from lungvit.training.module import FreezeEarlyLayers, LungViTModule, class_weights_from_counts
-from lungvit.training.ood_fit import attach_feature_detector
+from lungvit.training.data.discover import DatasetError, count_sources
+from lungvit.training.data.datamodule import ScanDataModule
+from lungvit.training.learn.metrics import classification_report, scalar_metrics
+from lungvit.training.learn.module import FreezeEarlyLayers, LungViTModule, class_weights_from_counts
+from lungvit.training.learn.ood_fit import attach_feature_detector
 from lungvit.training.store.paths import default_data_dir
-from lungvit.training.transfer import mix_with_base, plan_transfer
+from lungvit.training.learn.transfer import mix_with_base, plan_transfer
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,9 @@ class FitResult:
         config: the resolved configuration.
         data: the data module's summary (classes, counts, unreadable, too small, ...).
         head_mapping: for fine-tuning, how the old head's labels were carried over.
-        transfer: the transfer policy the run used (:mod:`lungvit.training.transfer`).
+        transfer: the transfer policy the run used (:mod:`lungvit.training.learn.transfer`).
         comparison: the base model vs this one on the test split
-            (:func:`lungvit.training.compare.compare_with_base`), None without a base.
+            (:func:`lungvit.training.learn.compare.compare_with_base`), None without a base.
     """
 
     run_dir: Path
@@ -130,7 +130,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.resume_from is not None:  # refused here, with LungViT's message, if unsafe
         read_training_checkpoint(cfg.resume_from)
     if cfg.from_checkpoint is not None:
-        from lungvit.core.checkpoint import read_checkpoint_info
+        from lungvit.core.model.checkpoint import read_checkpoint_info
 
         info = read_checkpoint_info(cfg.from_checkpoint)
         if cfg.variant is not None and cfg.variant != info.variant:
@@ -158,7 +158,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
 
 def _preprocess_for(cfg: TrainConfig) -> PreprocessConfig:
     if cfg.from_checkpoint is not None:
-        from lungvit.core.checkpoint import read_checkpoint_info
+        from lungvit.core.model.checkpoint import read_checkpoint_info
 
         base = read_checkpoint_info(cfg.from_checkpoint).preprocess or PreprocessConfig()
         return replace(base, input_size=cfg.input_size)
@@ -195,7 +195,7 @@ def adapt_model(model: nn.Module, old_labels: Sequence[str], new_labels: Sequenc
     """A copy of ``model`` with a head for ``new_labels`` (and inputs of ``img_size``).
 
     The head is always a new one sized for ``new_labels`` with the fresh initialisation of
-    :func:`lungvit.core.model.build_model`; the rows of labels both lists share are then
+    :func:`lungvit.core.model.network.build_model`; the rows of labels both lists share are then
     copied from the old head by label name (what the base knew of those classes is the
     starting point), new labels keep their fresh rows, and old labels missing from
     ``new_labels`` are dropped. The same list in the same order keeps the head as it was.

@@ -1,6 +1,6 @@
 """What a decoded scan is: pixels in display convention plus what was done to get them.
 
-:func:`load_scan` (in :mod:`lungvit.core.ingest`) is the only way files become scans.
+:func:`load_scan` (in :mod:`lungvit.core.io.ingest`) is the only way files become scans.
 """
 from __future__ import annotations
 

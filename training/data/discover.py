@@ -1,7 +1,7 @@
 """Finding the labelled scans of a training set: folders of class folders or a CSV manifest.
 
 :func:`discover` only lists files (and reads a manifest); nothing is decoded here. Decoding
-happens once, in :class:`lungvit.training.cache.PreprocessCache`, which also reports the
+happens once, in :class:`lungvit.training.data.cache.PreprocessCache`, which also reports the
 files that turn out to be unreadable and the DICOM patient keys.
 
 Patient keys (for patient-level splits) come from, in order of precedence:
@@ -10,7 +10,7 @@ Patient keys (for patient-level splits) come from, in order of precedence:
 2. the file name, when it follows the OCT2017 pattern ``CLASS-PATIENT-N.ext``
    (see :data:`PATIENT_FROM_NAME`), e.g. ``CNV-1016042-1.jpeg`` -> ``1016042`` or
    ``lung-oct-cnv-P0003-2.png`` -> ``P0003``;
-3. for DICOM files, the hashed PatientID that :func:`lungvit.core.ingest.load_scan`
+3. for DICOM files, the hashed PatientID that :func:`lungvit.core.io.ingest.load_scan`
    reports (filled in by the data module after caching).
 
 Kermany chest X-ray names (``person1000_virus_1681``: patient ``person1000``) are read too.
@@ -21,7 +21,7 @@ from a file name of the form ``SOURCE__name.ext`` (two underscores, as in
 ``../shared/realdata``: ``meddef1__person1000_virus_1681.png`` has source ``meddef1``), else
 it is unknown (None). The source prefix is stripped before the patient patterns are matched.
 
-Every key is stored only as :func:`lungvit.core.phi.patient_key` (an HMAC under the installation's secret), so a raw
+Every key is stored only as :func:`lungvit.core.io.phi.patient_key` (an HMAC under the installation's secret), so a raw
 identifier from a manifest is never kept in memory objects that might be logged, and a
 manifest that lists DICOM PatientIDs yields the same keys as the files themselves.
 """
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from lungvit.core.errors import LungViTError
-from lungvit.core.phi import patient_key as hash_patient_id
+from lungvit.core.io.phi import patient_key as hash_patient_id
 
 # "" stands for files without an extension (DICOM archives often have none, or are named
 # by their SOP Instance UID, whose last dotted part is all digits and is treated the same).
@@ -335,7 +335,7 @@ def preview(data: str | Path | DatasetIndex, *, min_per_class: int = 5, val_frac
         ``problem`` (why training could not start, or None). Files that fail to decode are
         only found by the cache build, so they are not counted here.
     """
-    from lungvit.training.splits import split_index  # splits imports this module
+    from lungvit.training.data.splits import split_index  # splits imports this module
 
     problem = None
     index = data if isinstance(data, DatasetIndex) else None

@@ -2,13 +2,13 @@
 
 :func:`gray_to_display` runs Modality LUT -> VOI -> MONOCHROME1 inversion -> [0, 1];
 :func:`color_to_display` turns RGB / YBR / PALETTE COLOR into BT.601 luminance. Split
-from :mod:`lungvit.core.dicom_io` (file parsing, safety checks, frame decoding).
+from :mod:`lungvit.core.io.dicom` (file parsing, safety checks, frame decoding).
 
 LUT tables are read here rather than through ``pydicom.pixels.apply_voi`` and
 ``apply_modality_lut`` because LungViT needs (a) rounding, not truncation, of rescaled
 float inputs before the lookup, (b) the table's declared and used bit depth to normalise
 its output to [0, 1], and (c) a Descriptor whose entry count was read as a signed SS not
-to turn negative. Windows are computed by :func:`lungvit.core.pixel_math.apply_window`.
+to turn negative. Windows are computed by :func:`lungvit.core.io.pixel_math.apply_window`.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut
 
-from lungvit.core import pixel_math
+from lungvit.core.io import pixel_math
 from lungvit.core.errors import CorruptFileError, UnsupportedImageError
-from lungvit.core.scan import ScanMetadata
+from lungvit.core.io.scan import ScanMetadata
 
 
 def gray_to_display(stored: np.ndarray, ds: Dataset, meta: ScanMetadata,

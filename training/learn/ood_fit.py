@@ -1,9 +1,9 @@
 """Fit the learned out-of-scope detector at the end of a training run.
 
-:func:`attach_feature_detector` is called once by :func:`lungvit.training.fit.fit`, after
+:func:`attach_feature_detector` is called once by :func:`lungvit.training.learn.fit.fit`, after
 the best weights are loaded: it reads the [CLS] features of the *un-augmented* training
 split (the detector must describe the scans as the app will see them, not as augmentation
-distorted them), fits :class:`lungvit.core.ood.FeatureDetector` on them, sets its threshold
+distorted them), fits :class:`lungvit.core.model.ood.FeatureDetector` on them, sets its threshold
 on the validation split, measures how many validation and test scans it flags, and returns
 the checkpoint header with the detector and those rates (``metrics["ood"]["features"]``).
 """
@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lungvit.core.checkpoint import CheckpointInfo
-from lungvit.core.ood import DEFAULT_QUANTILE, FeatureDetector, collect_features
-from lungvit.training.datamodule import Collate, ScanDataModule
+from lungvit.core.model.checkpoint import CheckpointInfo
+from lungvit.core.model.ood import DEFAULT_QUANTILE, FeatureDetector, collect_features
+from lungvit.training.data.datamodule import Collate, ScanDataModule
 
 log = logging.getLogger(__name__)
 

@@ -30,13 +30,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lungvit.core.checkpoint import load_checkpoint
+from lungvit.core.model.checkpoint import load_checkpoint
 from lungvit.core.errors import CheckpointError
-from lungvit.core.preprocess import PreprocessConfig
-from lungvit.training.cache import PreprocessCache
+from lungvit.core.model.preprocess import PreprocessConfig
+from lungvit.training.data.cache import PreprocessCache
 from lungvit.training.config import TrainConfig
-from lungvit.training.data import Sample
-from lungvit.training.datamodule import CachedScans, Collate
+from lungvit.training.data.discover import Sample
+from lungvit.training.data.datamodule import CachedScans, Collate
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def compare_with_base(cfg: TrainConfig, dm: Any, test_logits: torch.Tensor,
 
     Args:
         cfg: the resolved run configuration (``compare_to``, else ``from_checkpoint``).
-        dm: the run's set-up :class:`~lungvit.training.datamodule.ScanDataModule`.
+        dm: the run's set-up :class:`~lungvit.training.data.datamodule.ScanDataModule`.
         test_logits: (N, C) the fine-tuned model's test logits, in test-split order.
         test_targets: (N,) their class indices.
         device: where to run the base model.

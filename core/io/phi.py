@@ -3,7 +3,7 @@
 :data:`PHI_KEYWORDS` lists the attributes of the DICOM PS3.15 Annex E *Basic Application
 Level Confidentiality Profile* (Table E.1-1) that identify a patient, a person, a place,
 a device or an encounter, plus the instance UIDs that link a file back to its study.
-LungViT copies none of them into :class:`~lungvit.core.scan.ScanMetadata` unless the
+LungViT copies none of them into :class:`~lungvit.core.io.scan.ScanMetadata` unless the
 caller asks (``include_phi=True``), and never logs them.
 
 The patient identifier is kept only as :func:`patient_key`: HMAC-SHA-256 of the identifier

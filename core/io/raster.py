@@ -17,11 +17,11 @@ import zlib
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from lungvit.core import pixel_math
+from lungvit.core.io import pixel_math
 from lungvit.core.errors import (
     CorruptFileError, DecompressionBombError, ScanReadError, UnsupportedImageError,
 )
-from lungvit.core.scan import Scan, ScanMetadata
+from lungvit.core.io.scan import Scan, ScanMetadata
 
 _FORMATS = {"png": "PNG", "jpeg": "JPEG"}
 # Bit depths a 16-bit container is assumed to hold, by its largest value (see module doc).
@@ -40,7 +40,7 @@ def read_raster(data: bytes, *, kind: str, label: str,
         kind: "png" or "jpeg" (from content sniffing).
         label: how to name the file in messages.
         window: optional (center, width) in the file's own pixel values, or "auto" /
-            "minmax" (see :func:`lungvit.core.pixel_math.resolve_window`).
+            "minmax" (see :func:`lungvit.core.io.pixel_math.resolve_window`).
         max_pixels: refuse images with more pixels than this, before decoding them.
     """
     notes: list[str] = []

@@ -35,9 +35,9 @@ import torch
 from lungvit.core import __version__
 from lungvit.core.atomic import atomic_open, atomic_path
 from lungvit.core.errors import ScanReadError
-from lungvit.core.ingest import load_scan
-from lungvit.core.preprocess import PreprocessConfig, resize_pixels
-from lungvit.training.data import Sample, file_sha256
+from lungvit.core.io.ingest import load_scan
+from lungvit.core.model.preprocess import PreprocessConfig, resize_pixels
+from lungvit.training.data.discover import Sample, file_sha256
 
 log = logging.getLogger(__name__)
 

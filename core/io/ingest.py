@@ -16,14 +16,14 @@ import os
 from pathlib import Path
 from typing import BinaryIO
 
-from lungvit.core.dicom_io import is_codec_failure, read_dicom
+from lungvit.core.io.dicom import is_codec_failure, read_dicom
 from lungvit.core.errors import (
     CorruptFileError, DecompressionBombError, EmptyFileError, ScanReadError,
     UnsupportedImageError,
 )
-from lungvit.core.pixel_math import WINDOW_RANGES
-from lungvit.core.raster_io import read_raster
-from lungvit.core.scan import Scan
+from lungvit.core.io.pixel_math import WINDOW_RANGES
+from lungvit.core.io.raster import read_raster
+from lungvit.core.io.scan import Scan
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def load_scan(
             decoding.
 
     Returns:
-        A :class:`~lungvit.core.scan.Scan`: (H, W) float32 pixels in [0, 1], air dark.
+        A :class:`~lungvit.core.io.scan.Scan`: (H, W) float32 pixels in [0, 1], air dark.
 
     Raises:
         ScanReadError: a subclass saying what is wrong with the file.

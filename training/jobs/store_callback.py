@@ -17,12 +17,12 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from lungvit.training.compare import comparison_scalars, describe_comparison
-from lungvit.training.data import file_sha256
-from lungvit.training.fit import FitResult
-from lungvit.training.metrics import scalar_metrics
+from lungvit.training.learn.compare import comparison_scalars, describe_comparison
+from lungvit.training.data.discover import file_sha256
+from lungvit.training.learn.fit import FitResult
+from lungvit.training.learn.metrics import scalar_metrics
 from lungvit.training.store import Store, open_store
-from lungvit.training.transfer import describe_run
+from lungvit.training.learn.transfer import describe_run
 
 MONITOR = "val/loss"  # what "best" means: the lowest validation loss
 STEP_SUFFIX = "_step"

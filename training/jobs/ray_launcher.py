@@ -4,7 +4,7 @@ Two things live here. :func:`connect` gives the job process a Ray cluster: by de
 local one it starts itself, listening on 127.0.0.1 only, without a dashboard, with token
 authentication on (a fresh random token, handed to Ray's processes through the
 environment); or an existing cluster (``--ray-address`` / ``RAY_ADDRESS``), whose security
-is its operator's. :func:`train` runs the Lightning training of :mod:`lungvit.training.fit`
+is its operator's. :func:`train` runs the Lightning training of :mod:`lungvit.training.learn.fit`
 as a Ray Train ``TorchTrainer``: every worker calls ``fit`` with Ray's DDP strategy and
 environment plugin, reports a resumable checkpoint to Ray after each validation (Ray keeps
 the best ``keep_best_k`` by validation loss), and rank 0 writes metrics and checkpoints to
@@ -48,11 +48,11 @@ from lungvit.core.errors import LungViTError
 from lungvit.core.netaddr import host_of as _host_of
 from lungvit.core.netaddr import is_loopback
 from lungvit.training.config import TrainConfig
-from lungvit.training.fit import fit
-from lungvit.training.loopback_pg import install as install_loopback_rendezvous
-from lungvit.training.ray_address import check_address
+from lungvit.training.learn.fit import fit
+from lungvit.training.jobs.loopback_pg import install as install_loopback_rendezvous
+from lungvit.training.jobs.ray_address import check_address
 from lungvit.training.store import open_store
-from lungvit.training.store_callback import StoreCallback
+from lungvit.training.jobs.store_callback import StoreCallback
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ class TrainSpec:
 
 class _LoopbackTorchBackend(_TorchBackend):
     """Ray's torch backend, whose process group stays on loopback on a local cluster (see
-    :mod:`lungvit.training.loopback_pg`; on other clusters it is Ray's own)."""
+    :mod:`lungvit.training.jobs.loopback_pg`; on other clusters it is Ray's own)."""
 
     def on_start(self, worker_group: Any, backend_config: Any) -> None:
         worker_group.execute(install_loopback_rendezvous)
@@ -409,7 +409,7 @@ def _resume_point(spec: TrainSpec) -> Iterator[str | None]:
     newest intact one the store knows now. The last matters when a node dies just after a
     checkpoint was saved and recorded but before Ray's controller registered it: Ray would
     hand back the one before, and the steps between would be trained twice."""
-    from lungvit.training.jobs import latest_resumable
+    from lungvit.training.jobs.runner import latest_resumable
 
     checkpoint = ray.train.get_checkpoint()
     ray_step = _step_of(Path(checkpoint.path).name) if checkpoint is not None else -1

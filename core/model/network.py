@@ -7,9 +7,9 @@ The stem (3x3 conv + BatchNorm + ReLU, repeated) is the backbone of timm's own
 differ from the stream width (the reference: 16 x 64 = 1024 on a 64-wide stream).
 
 Importing this module registers every variant with timm, so after
-``import lungvit.core.model`` the call ``timm.create_model("lungvit_ref64", num_classes=9)``
+``import lungvit.core.model.network`` the call ``timm.create_model("lungvit_ref64", num_classes=9)``
 works. No variant has downloadable weights: ``pretrained=True`` raises; LungViT models come
-from checkpoint files (:mod:`lungvit.core.checkpoint`).
+from checkpoint files (:mod:`lungvit.core.model.checkpoint`).
 """
 from __future__ import annotations
 
@@ -292,7 +292,7 @@ def _timm_entrypoint(variant: str, pretrained: bool = False, **kwargs: Any) -> V
     if pretrained:
         raise CheckpointError(
             f"{variant} has no downloadable pretrained weights; load a LungViT checkpoint "
-            "with lungvit.core.checkpoint.load_checkpoint(path) instead")
+            "with lungvit.core.model.checkpoint.load_checkpoint(path) instead")
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm plumbing
         kwargs.pop(key, None)
     return create_model(variant, **kwargs)

@@ -7,7 +7,7 @@ time, metrics). Saving is atomic. Loading never runs code from the file: safeten
 tensors only, and PyTorch ``.pth`` files (reference-design state dicts, see
 :func:`import_reference`) are read with ``torch.load(weights_only=True)``.
 
-Format 2 adds an optional out-of-scope feature detector (:class:`lungvit.core.ood.FeatureDetector`):
+Format 2 adds an optional out-of-scope feature detector (:class:`lungvit.core.model.ood.FeatureDetector`):
 its description in the header (``"ood_detector"``) and its two float32 arrays as tensors named
 ``lungvit_ood.*`` beside the weights. A file without one is still written as format 1, so
 older LungViT versions keep reading it; format 1 files load with no detector.
@@ -32,10 +32,10 @@ from torch import nn
 from lungvit.core import __version__
 from lungvit.core.atomic import atomic_open
 from lungvit.core.errors import CheckpointError
-from lungvit.core.model import DEFAULT_LABELS, ModelConfig, build_model, count_parameters
-from lungvit.core.ood import TENSOR_PREFIX, FeatureDetector
-from lungvit.core.preprocess import PreprocessConfig
-from lungvit.core.reference import reference_config, reference_to_timm, torch_state_dict
+from lungvit.core.model.network import DEFAULT_LABELS, ModelConfig, build_model, count_parameters
+from lungvit.core.model.ood import TENSOR_PREFIX, FeatureDetector
+from lungvit.core.model.preprocess import PreprocessConfig
+from lungvit.core.model.reference import reference_config, reference_to_timm, torch_state_dict
 
 __all__ = ["FORMAT_VERSION", "CheckpointInfo", "Provenance", "import_reference",
            "load_checkpoint", "read_checkpoint_info", "read_state_dict", "save_checkpoint"]
@@ -165,7 +165,7 @@ def _complete(model: nn.Module, info: CheckpointInfo) -> CheckpointInfo:
     cfg = getattr(model, "lungvit_config", None) or info.model
     if cfg is None:
         raise CheckpointError("the model has no lungvit_config and the info names no model "
-                              "configuration; build models with lungvit.core.model")
+                              "configuration; build models with lungvit.core.model.network")
     if info.model is not None and info.model != cfg:
         raise CheckpointError(f"the info's model configuration ({info.model.name}) differs "
                               f"from the model's ({cfg.name})")

@@ -4,7 +4,7 @@ The life of a job::
 
     request = JobRequest(train={"data": "/scans", "epochs": 12}, workers=2)
     job_id = launch_job(request)          # row "queued" + a detached process (survives the UI)
-        # the process, ``python -m lungvit.training.jobs --job-id N``, calls run_job(N):
+        # the process, ``python -m lungvit.training.jobs.runner --job-id N``, calls run_job(N):
         #   prepare the data -> connect to Ray -> attempt 1 "running" -> heartbeat every
         #   few seconds while Ray Train runs the workers -> "succeeded" with the model
     Store.request_cancel(job_id)          # the process aborts Ray within seconds: "cancelled"
@@ -40,7 +40,7 @@ from sqlalchemy.engine import make_url
 from lungvit.core.errors import LungViTError
 from lungvit.training.config import TrainConfig
 from lungvit.core.configs import unknown_keys
-from lungvit.training.ray_sessions import reap_job_session
+from lungvit.training.jobs.ray_sessions import reap_job_session
 from lungvit.training.store import (AttemptConflictError, JobRecord, JobStatus, Store,
                                     default_data_dir, default_db_url, open_store)
 
@@ -196,7 +196,7 @@ def start_job_process(job_id: int, *, db_url: str | None = None,
         run_dir = job_run_dir(job_id, JobRequest.from_dict(job.request_config), url)
         run_dir.mkdir(parents=True, exist_ok=True)
         log_path = run_dir / LOG_NAME
-        cmd = [sys.executable, "-m", "lungvit.training.jobs", "--job-id", str(job_id),
+        cmd = [sys.executable, "-m", "lungvit.training.jobs.runner", "--job-id", str(job_id),
                "--db", url, "--heartbeat", str(heartbeat_s)]
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
@@ -216,7 +216,7 @@ def launch_job(request: JobRequest | Mapping[str, Any], *, db_url: str | None = 
 def recover_interrupted(db_url: str | None = None, *,
                         stale_after_s: float = DEFAULT_STALE_AFTER_S) -> list[int]:
     """Mark running jobs whose heartbeat stopped as interrupted (call at app start), and
-    end the Ray processes their killed process left (:mod:`lungvit.training.ray_sessions`)."""
+    end the Ray processes their killed process left (:mod:`lungvit.training.jobs.ray_sessions`)."""
     with open_store(_url(db_url)) as store:
         stale = store.mark_stale_interrupted(stale_after_s=stale_after_s)
         for job_id in stale:
@@ -380,8 +380,8 @@ def _fail(store: Store, job_id: int, exc: BaseException) -> None:
 
 def _run(store: Store, job_id: int, request: JobRequest, url: str, heartbeat_s: float,
          progress: ProgressFn | None, worker_logs: bool, seen_attempt: int) -> JobStatus:
-    from lungvit.training import ray_launcher
-    from lungvit.training.fit import build_datamodule, resolve_config
+    from lungvit.training.jobs import ray_launcher
+    from lungvit.training.learn.fit import build_datamodule, resolve_config
 
     request.validate()
     if request.mlflow_uri:
@@ -441,7 +441,7 @@ def _run(store: Store, job_id: int, request: JobRequest, url: str, heartbeat_s: 
 
 def latest_resumable(store: Store, job_id: int) -> str | None:
     """The newest intact resumable checkpoint the store knows of (a resumed job's start)."""
-    from lungvit.training.data import file_sha256
+    from lungvit.training.data.discover import file_sha256
 
     for c in sorted(store.checkpoints(job_id), key=lambda c: c.version, reverse=True):
         if c.path.endswith(".ckpt") and Path(c.path).is_file() and \
@@ -488,7 +488,7 @@ def run_cli_job(cfg: TrainConfig, opts: argparse.Namespace) -> int:
     A wrong ``--db`` URL or a Ray cluster that does not answer (or refuses the token) is an
     error before anything is written to the store.
     """
-    from lungvit.training.ray_address import check_address
+    from lungvit.training.jobs.ray_address import check_address
     from lungvit.training.store.engine import parse_store_url
 
     url = _url(opts.db)
@@ -562,9 +562,9 @@ def exit_code(status: JobStatus) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lungvit.training.jobs --job-id N [--db URL]``: run one job here."""
+    """``python -m lungvit.training.jobs.runner --job-id N [--db URL]``: run one job here."""
     parser = argparse.ArgumentParser(
-        prog="python -m lungvit.training.jobs",
+        prog="python -m lungvit.training.jobs.runner",
         description="Run one queued LungViT fine-tune job from the tracking store (or resume "
         "an interrupted one) in this process. The app and `lungvit runs resume` start it.")
     parser.add_argument("--job-id", type=int, required=True, help="the job to run")

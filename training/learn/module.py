@@ -19,8 +19,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lungvit.training.metrics import classification_report, scalar_metrics
-from lungvit.training.optim import parameter_groups
+from lungvit.training.learn.metrics import classification_report, scalar_metrics
+from lungvit.training.learn.optim import parameter_groups
 
 
 def scaled_parameter_groups(model: nn.Module, weight_decay: float, lr: float,
@@ -99,7 +99,7 @@ class LungViTModule(L.LightningModule):
             :func:`class_weights_from_counts`; None: unweighted.
         grad_checkpointing: recompute each block's activations in backward (timm).
         lr_scales: parameter name -> factor of ``lr`` (e.g. layer-wise decay, see
-            :mod:`lungvit.training.transfer`); None: one rate. Parameters with
+            :mod:`lungvit.training.learn.transfer`); None: one rate. Parameters with
             ``requires_grad=False`` are left out of the optimizer.
 
     The validation loss (monitored by early stopping and checkpointing) is the plain,

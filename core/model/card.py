@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from lungvit.core.checkpoint import CheckpointInfo
+from lungvit.core.model.checkpoint import CheckpointInfo
 
 __all__ = ["model_card"]
 
@@ -102,7 +102,7 @@ def model_card(info: CheckpointInfo) -> str:
     """Render ``info`` as a Markdown model card.
 
     Args:
-        info: a checkpoint header (:func:`lungvit.core.checkpoint.read_checkpoint_info`).
+        info: a checkpoint header (:func:`lungvit.core.model.checkpoint.read_checkpoint_info`).
 
     Returns:
         The card as Markdown text.

@@ -1,7 +1,7 @@
 """DICOM files to display pixels, the way a radiologist's viewer shows them.
 
 This module parses the file, checks it can be decoded safely and decodes one frame; the
-transforms to display values are in :mod:`lungvit.core.dicom_display`.
+transforms to display values are in :mod:`lungvit.core.io.dicom_display`.
 
 The grayscale pipeline runs in the order of PS3.3 C.11 (and PS3.4 N.2):
 
@@ -36,13 +36,13 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.pixels import as_pixel_options, get_decoder
 
-from lungvit.core.dicom_display import color_to_display, gray_to_display, numbers, safe_get
+from lungvit.core.io.dicom_display import color_to_display, gray_to_display, numbers, safe_get
 from lungvit.core.errors import (
     CorruptFileError, DecompressionBombError, NoPixelDataError, ScanReadError,
     UnsupportedImageError,
 )
-from lungvit.core.phi import extract_phi, patient_key
-from lungvit.core.scan import Scan, ScanMetadata
+from lungvit.core.io.phi import extract_phi, patient_key
+from lungvit.core.io.scan import Scan, ScanMetadata
 
 _DEFLATED = pydicom.uid.DeflatedExplicitVRLittleEndian
 _COLOR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR"})
@@ -61,7 +61,7 @@ def read_dicom(data: bytes, *, label: str, frame: int | None,
     Args:
         data: the whole file.
         label: how to name the file in messages (its basename, quoted).
-        frame / window / include_phi / max_pixels: as in :func:`~lungvit.core.ingest.load_scan`.
+        frame / window / include_phi / max_pixels: as in :func:`~lungvit.core.io.ingest.load_scan`.
     """
     notes: list[str] = []
     # pydicom converts header values lazily, so its warnings can fire at any access.

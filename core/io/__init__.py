@@ -1,0 +1,1 @@
+"""Reading scans: ingest, DICOM, raster files, pixel maths, PHI, the Scan record."""

@@ -1,0 +1,1 @@
+"""The model: network, checkpoints, the reference-checkpoint importer, preprocessing, card, out-of-scope detector."""

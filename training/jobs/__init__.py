@@ -1,0 +1,1 @@
+"""Fine-tune jobs: the job process, Ray (cluster, security, workers), the store callback."""

@@ -1,0 +1,1 @@
+"""Learning: the Lightning module, the fit pipeline, optimizer groups, metrics, calibration, transfer, comparison, the OOD fit."""
