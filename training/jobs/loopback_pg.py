@@ -9,7 +9,7 @@ made here instead gets a store whose listening socket is bound to that address (
 ``TCPStore`` as ``master_listen_fd``) and gloo and NCCL use the loopback interface.
 
 This module imports torch and :mod:`lungvit.core.netaddr` only;
-:mod:`lungvit.training.jobs.ray_launcher` runs :func:`install` in every Ray Train worker before
+:mod:`lungvit.training.jobs.ray_train` runs :func:`install` in every Ray Train worker before
 Ray sets the process group up.
 """
 from __future__ import annotations

@@ -380,7 +380,7 @@ def _fail(store: Store, job_id: int, exc: BaseException) -> None:
 
 def _run(store: Store, job_id: int, request: JobRequest, url: str, heartbeat_s: float,
          progress: ProgressFn | None, worker_logs: bool, seen_attempt: int) -> JobStatus:
-    from lungvit.training.jobs import ray_launcher
+    from lungvit.training.jobs import ray_cluster, ray_train
     from lungvit.training.learn.fit import build_datamodule, resolve_config
 
     request.validate()
@@ -399,7 +399,7 @@ def _run(store: Store, job_id: int, request: JobRequest, url: str, heartbeat_s: 
     expected_steps = _expected_steps(cfg, len(dm.splits["train"]), request.workers)
     # Recorded with the attempt, so that a watcher (the app) can draw a progress bar.
     resolved = {**request.to_dict(), "train": cfg.to_dict(), "expected_steps": expected_steps}
-    spec = ray_launcher.TrainSpec(
+    spec = ray_train.TrainSpec(
         train_config=cfg.to_dict(), job_id=job_id, db_url=url, workers=request.workers,
         use_gpu=request.use_gpu, resources_per_worker=request.worker_resources(),
         max_failures=request.max_failures, keep_best_k=cfg.keep_best_k,
@@ -408,11 +408,11 @@ def _run(store: Store, job_id: int, request: JobRequest, url: str, heartbeat_s: 
         mlflow_uri=request.mlflow_uri, resume_from=latest_resumable(store, job_id),
         fault=request.fault_injection, owner_pid=os.getpid(),
         owner_host=socket.gethostname())
-    opts = ray_launcher.ClusterOptions(address=request.ray_address,
+    opts = ray_cluster.ClusterOptions(address=request.ray_address,
                                        num_cpus=None if request.ray_address
                                        else request.local_cpus(), log_to_driver=worker_logs)
     error: str | None = None
-    with ray_launcher.connect(opts) as cluster:
+    with ray_cluster.connect(opts) as cluster:
         hardware = {"workers": request.workers, "resources_per_worker": spec.resources_per_worker,
                     "cluster": cluster.resources, "local_cluster": cluster.local}
         attempt = store.start_attempt(job_id, resolved_config=resolved, hardware=hardware,
@@ -420,16 +420,16 @@ def _run(store: Store, job_id: int, request: JobRequest, url: str, heartbeat_s: 
                                       dataset_fingerprint=dm.fingerprint,
                                       expect_attempt=seen_attempt)
         log.info("job %d attempt %d on Ray at %s", job_id, attempt, cluster.address)
-        watcher = _Watcher(store, job_id, heartbeat_s, ray_launcher.abort_training, progress,
+        watcher = _Watcher(store, job_id, heartbeat_s, ray_train.abort_training, progress,
                            expected_steps)
-        previous = signal.signal(signal.SIGTERM, lambda *_: ray_launcher.abort_training())
+        previous = signal.signal(signal.SIGTERM, lambda *_: ray_train.abort_training())
         watcher.start()
         try:
-            ray_launcher.train(spec)
+            ray_train.train(spec)
         except (SystemExit, KeyboardInterrupt):
             if not (watcher.cancelled or watcher.lost):
                 raise  # stopped from outside (Ctrl-C, SIGTERM): interrupted, resumable
-        except ray_launcher.RayTrainingError as exc:
+        except ray_train.RayTrainingError as exc:
             error = str(exc)
         finally:
             watcher.stop()

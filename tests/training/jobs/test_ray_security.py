@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 
-from lungvit.training.jobs import ray_launcher
-from lungvit.training.jobs.ray_launcher import ClusterOptions, RaySecurityError
+from lungvit.training.jobs import ray_cluster
+from lungvit.training.jobs.ray_cluster import ClusterOptions, RaySecurityError
 
 
 @pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.8.0.1", True),
@@ -18,37 +18,37 @@ from lungvit.training.jobs.ray_launcher import ClusterOptions, RaySecurityError
                                             ("0.0.0.0", False), ("192.168.1.5", False),
                                             ("::", False), ("example.org", False)])
 def test_is_loopback(host: str, loopback: bool) -> None:
-    assert ray_launcher.is_loopback(host) is loopback
+    assert ray_cluster.is_loopback(host) is loopback
 
 
 def test_host_of_addresses() -> None:
-    assert ray_launcher._host_of("127.0.0.1:6379") == "127.0.0.1"
-    assert ray_launcher._host_of("http://127.0.0.1:8265/x") == "127.0.0.1"
-    assert ray_launcher._host_of("[::1]:6379") == "::1"
+    assert ray_cluster._host_of("127.0.0.1:6379") == "127.0.0.1"
+    assert ray_cluster._host_of("http://127.0.0.1:8265/x") == "127.0.0.1"
+    assert ray_cluster._host_of("[::1]:6379") == "::1"
 
 
 @pytest.mark.parametrize("mode", ["disabled", "none", ""])
 def test_refuses_authentication_off(mode: str) -> None:
     with pytest.raises(RaySecurityError, match="RAY_AUTH_MODE"):
-        ray_launcher.check_local_settings(ClusterOptions(), {"RAY_AUTH_MODE": mode})
+        ray_cluster.check_local_settings(ClusterOptions(), {"RAY_AUTH_MODE": mode})
 
 
 def test_accepts_token_mode_and_no_mode() -> None:
-    ray_launcher.check_local_settings(ClusterOptions(), {"RAY_AUTH_MODE": "token"})
-    ray_launcher.check_local_settings(ClusterOptions(), {})
-    ray_launcher.check_local_settings(ClusterOptions(dashboard=True), {})  # on 127.0.0.1
+    ray_cluster.check_local_settings(ClusterOptions(), {"RAY_AUTH_MODE": "token"})
+    ray_cluster.check_local_settings(ClusterOptions(), {})
+    ray_cluster.check_local_settings(ClusterOptions(dashboard=True), {})  # on 127.0.0.1
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.5", "::"])
 def test_refuses_a_dashboard_off_loopback(host: str) -> None:
     with pytest.raises(RaySecurityError, match="dashboard"):
-        ray_launcher.check_local_settings(ClusterOptions(dashboard=True, dashboard_host=host),
+        ray_cluster.check_local_settings(ClusterOptions(dashboard=True, dashboard_host=host),
                                           {})
 
 
 def test_refuses_ray_listening_on_every_interface() -> None:
     with pytest.raises(RaySecurityError, match="every network interface"):
-        ray_launcher.check_local_settings(ClusterOptions(),
+        ray_cluster.check_local_settings(ClusterOptions(),
                                           {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})
 
 
@@ -56,15 +56,15 @@ def test_connect_refuses_before_starting_anything(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(RaySecurityError):
-        with ray_launcher.connect(ClusterOptions(num_cpus=1)):
+        with ray_cluster.connect(ClusterOptions(num_cpus=1)):
             pytest.fail("connected")
-    assert not ray_launcher.ray.is_initialized()
+    assert not ray_cluster.ray.is_initialized()
 
 
 _CLUSTER = textwrap.dedent("""
     import json, os, subprocess, sys
     from pathlib import Path
-    from lungvit.training.jobs.ray_launcher import ClusterOptions, connect, ray_descendants
+    from lungvit.training.jobs.ray_cluster import ClusterOptions, connect, ray_descendants
 
     def listening(pids):
         inodes = set()
