@@ -24,6 +24,7 @@ from lungvit.app.state import AppContext
 from lungvit.app.uploads import display_name, expand_uploads
 from lungvit.app.windows import Windowed, load_windowed, numbers_of, presets_for
 from lungvit.core.errors import LungViTError
+from lungvit.core.model.preprocess import denormalize
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -114,10 +115,7 @@ def save_png(path: Path, image: np.ndarray, *, fast: bool = False, **text: str) 
 def _model_input_image(predictor: Any, scan: Any) -> np.ndarray:
     """The network's actual input, de-normalised for display: (S, S) uint8."""
     x = predictor.prepare(scan)[0].numpy()  # (S, S), normalised
-    pre = predictor.preprocess
-    mean = float(np.mean(pre.mean)) if isinstance(pre.mean, (list, tuple)) else float(pre.mean)
-    std = float(np.mean(pre.std)) if isinstance(pre.std, (list, tuple)) else float(pre.std)
-    return to_uint8(x * std + mean)
+    return to_uint8(denormalize(x, predictor.preprocess))
 
 
 def _flags(pred: Any, warnings: Sequence[str]) -> str:

@@ -77,7 +77,7 @@ except ModuleNotFoundError:  # an uninstalled checkout: lungvit.X is the reposit
 from lungvit.core.model import network as lungvit_model  # noqa: E402
 from lungvit.core.model.network import VARIANTS, create_model, set_fused_attention  # noqa: E402
 from lungvit.synthetic.phantoms import CLASS_NAMES, make_phantom  # noqa: E402
-from lungvit.core.model.preprocess import PreprocessConfig  # noqa: E402
+from lungvit.core.model.preprocess import PreprocessConfig, normalize  # noqa: E402
 from lungvit.synthetic.reference_model import ReferenceViT  # noqa: E402
 from lungvit.training.data.augment import AugmentConfig, augment_batch  # noqa: E402
 from lungvit.training.learn.optim import parameter_groups  # noqa: E402
@@ -132,7 +132,7 @@ class Collate:
         x = torch.stack([p for p, _ in items])[:, None].float() / 255.0  # (B, 1, S, S)
         if self.augment is not None:
             x = augment_batch(x, self.augment)
-        x = (x - self.preprocess.mean) / self.preprocess.std
+        x = normalize(x, self.preprocess)
         return x, torch.tensor([y for _, y in items], dtype=torch.int64)
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from torchvision.transforms.v2.functional import gaussian_blur
 
 from lungvit.core.explain.rollout import attention_rollout, gradient_rollout, model_lock
-from lungvit.core.model.preprocess import PreprocessConfig
+from lungvit.core.model.preprocess import PreprocessConfig, normalize
 
 # Seeded sections (SmoothGrad, GradientSHAP) fork the global RNG; forks of the process-wide
 # generator must not interleave, so they take this lock (it guards RNG state, holds no data).
@@ -56,7 +56,7 @@ class AttributionContext:
     def from_preprocess(cls, cfg: PreprocessConfig | None) -> AttributionContext:
         """Black and white of the [0, 1] scan, in the model's normalised input space."""
         cfg = cfg or PreprocessConfig()
-        lo, hi = (0.0 - cfg.mean) / cfg.std, (1.0 - cfg.mean) / cfg.std
+        lo, hi = float(normalize(0.0, cfg)), float(normalize(1.0, cfg))
         return cls(baseline_value=lo, value_range=(lo, hi))
 
 

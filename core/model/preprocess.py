@@ -1,7 +1,8 @@
 """The one preprocessing path from a decoded scan to the model's input tensor.
 
-Training, prediction, explanations and the app all call :func:`to_model_input`; the
-constants come from the checkpoint (:class:`PreprocessConfig` is stored in its header),
+Training, prediction, explanations and the app all normalise with :func:`normalize` (the
+app shows a model input back with :func:`denormalize`), prediction and explanations through
+:func:`to_model_input`; the constants come from the checkpoint (:class:`PreprocessConfig` is stored in its header),
 so a model always sees its inputs the way it saw them in training.
 """
 from __future__ import annotations
@@ -56,10 +57,20 @@ def resize_pixels(pixels: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
     return out[0, 0].clamp_(0.0, 1.0)
 
 
+def normalize(x: torch.Tensor | float, cfg: PreprocessConfig) -> torch.Tensor | float:
+    """Pixels in [0, 1] (a tensor of any shape, or one value) -> the model's input values:
+    (x - mean) / std."""
+    return (x - cfg.mean) / cfg.std
+
+
+def denormalize(x: torch.Tensor | np.ndarray, cfg: PreprocessConfig) -> torch.Tensor | np.ndarray:
+    """The inverse of :func:`normalize`: model input values -> pixels in [0, 1] (unclipped)."""
+    return x * cfg.std + cfg.mean
+
+
 def to_model_input(pixels: np.ndarray | torch.Tensor, cfg: PreprocessConfig) -> torch.Tensor:
     """Turn (H, W) pixels in [0, 1] into a normalised (1, S, S) model input."""
-    x = resize_pixels(pixels, cfg.input_size)
-    return ((x - cfg.mean) / cfg.std)[None]  # (1, S, S)
+    return normalize(resize_pixels(pixels, cfg.input_size), cfg)[None]  # (1, S, S)
 
 
 def upsample_map(heatmap: np.ndarray | torch.Tensor, shape: tuple[int, int]) -> np.ndarray:

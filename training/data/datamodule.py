@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from lungvit.core.model.preprocess import PreprocessConfig
+from lungvit.core.model.preprocess import PreprocessConfig, normalize
 from lungvit.training.data.augment import AugmentConfig, augment_batch
 from lungvit.training.data.cache import SCALE, CacheResult, PreprocessCache, default_cache_dir
 from lungvit.training.data.discover import DatasetError, DatasetIndex, check_classes, discover
@@ -89,7 +89,7 @@ class Collate:
         x = torch.from_numpy(pixels.astype(np.float32))[:, None] / SCALE  # (B, 1, S, S)
         if self.augment is not None:
             x = augment_batch(x, self.augment)
-        x = (x - self.preprocess.mean) / self.preprocess.std
+        x = normalize(x, self.preprocess)
         return x, torch.from_numpy(labels.astype(np.int64))
 
 
