@@ -237,9 +237,10 @@ def predict_batch(ctx: AppContext, files: Sequence[Any] | None, preset: str,
 def _explained(ctx: AppContext, files: Sequence[Any] | None, selected: str | None,
                preset: str, center: float | None, width: float | None,
                methods: Sequence[str] | None, target: str | None, choice: str | None
-               ) -> tuple[Any, Path, Any, Any]:
-    """(served model, file, scan, ExplanationSet): explained once per scan, model, methods
-    and class; the overlays are drawn at display size (longest side DISPLAY_MAX)."""
+               ) -> tuple[Any, Path, Windowed, Any]:
+    """(served model, file, the windowed scan, ExplanationSet): explained once per scan,
+    model, methods and class; the overlays are drawn at display size (longest side
+    DISPLAY_MAX)."""
     from lungvit.core.explain import explain
 
     chosen = [METHOD_LABELS.get(m, m) for m in methods or []]
@@ -248,7 +249,8 @@ def _explained(ctx: AppContext, files: Sequence[Any] | None, selected: str | Non
     served = ctx.model_for(choice)
     predictor = served.predictor
     path = _pick(ctx, _files(ctx, files), selected)
-    scan = _windowed(ctx, path, preset, center, width).scan
+    shown = _windowed(ctx, path, preset, center, width)
+    scan = shown.scan
     target_index = None
     if target and target != PREDICTED:
         if target not in predictor.labels:
@@ -262,7 +264,7 @@ def _explained(ctx: AppContext, files: Sequence[Any] | None, selected: str | Non
         lambda: explain(predictor.model, scan.pixels, preprocess=predictor.preprocess,
                         methods=chosen, target=target_index, temperature=predictor.temperature,
                         max_side=DISPLAY_MAX))
-    return served, path, scan, result
+    return served, path, shown, result
 
 
 def verdict_of(faithfulness: dict[str, float]) -> str:
@@ -291,8 +293,9 @@ def explain_scan(ctx: AppContext, files: Sequence[Any] | None, selected: str | N
     from lungvit.core.explain import render_overlay
     from lungvit.core.explain.api import display_shape, shrink
 
-    served, path, scan, result = _explained(ctx, files, selected, preset, center, width,
-                                            methods, target, choice)
+    served, path, shown_as, result = _explained(ctx, files, selected, preset, center, width,
+                                                methods, target, choice)
+    scan = shown_as.scan
     label = served.labels[result.target]
     name = display_name(path, ctx.unpack_dir())
     out_dir = ctx.scratch("explanations")
@@ -335,8 +338,9 @@ def explain_files(ctx: AppContext, files: Sequence[Any] | None, selected: str | 
     from lungvit.app.report import build_report
     from lungvit.core.explain import render_overlay
 
-    served, path, scan, result = _explained(ctx, files, selected, preset, center, width,
-                                            methods, target, choice)
+    served, path, shown_as, result = _explained(ctx, files, selected, preset, center, width,
+                                                methods, target, choice)
+    scan = shown_as.scan
     label = served.labels[result.target]
     name = display_name(path, ctx.unpack_dir())
     out_dir = ctx.scratch("downloads")
@@ -381,14 +385,13 @@ def view_maps(ctx: AppContext, files: Sequence[Any] | None, selected: str | None
     from lungvit.app.viewer import viewer_value
     from lungvit.core.explain import render_overlay
 
-    served, path, scan, result = _explained(ctx, files, selected, preset, center, width,
-                                            methods, target, choice)
-    shown = _display(scan.pixels)
+    served, path, shown_as, result = _explained(ctx, files, selected, preset, center, width,
+                                                methods, target, choice)
+    shown = _display(shown_as.scan.pixels)
     small = shown.astype(np.float32) / 255.0
     label = served.labels[result.target]
     layers = [(f"{METHOD_NAMES.get(e.method, e.method)} for {label}: {verdict_of(e.faithfulness)}",
                render_overlay(e, small, opacity=1.0)) for e in result]
-    shown_as = _windowed(ctx, path, preset, center, width)
     return viewer_value(shown, _caption(ctx, path, shown_as), layers, float(opacity))
 
 
