@@ -167,7 +167,8 @@ def bench_variant(variant: str, *, repeats: int, methods: list[str], ref_ig: boo
     for m in methods:
         if m == "rollout":
             continue  # the "predict + rollout" row
-        ours = (lambda m=m: explain(model, scan, preprocess=cfg, methods=[m], target=target, faithfulness=False))
+        def ours(m: str = m) -> Any:
+            return explain(model, scan, preprocess=cfg, methods=[m], target=target, faithfulness=False)
         # Ours includes the prediction pass explain() makes; so does the reference's.
         theirs = None if not ref_methods else (
             lambda m=m: (predict_ref(), getattr(rx, m)(to_model_input(scan, cfg)[None], ref_target)))
@@ -213,22 +214,27 @@ def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "# Explanation latency (bench/bench_explain.py)",
         "",
         f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.machine()} "
-        f"({os.cpu_count()} CPUs visible), torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{'a checkpoint' if args.checkpoint else 'random weights'}; one 512 x 512 phantom scan; medians of "
-        f"{args.repeats} runs, ours then the reference's back to back per method (IG: up to 3, reference IG: 1); load average at the start "
+        f"({os.cpu_count()} CPUs visible), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, "
+        f"{'a checkpoint' if args.checkpoint else 'random weights'}; one 512 x 512 phantom scan; "
+        "medians of "
+        f"{args.repeats} runs, ours then the reference's back to back per method (IG: up to 3, "
+        "reference IG: 1); load average at the start "
         f"{args.load_start}. Every row includes the prediction pass (ours: explain(); reference: "
         "its forward pass, then the method).",
         "",
         f"Command: `.venv/bin/python bench/bench_explain.py {' '.join(sys.argv[1:])}`",
         "",
-        "| variant | what | ours wall s | ours CPU s | reference wall s | reference CPU s | ours / reference (CPU) | notes |",
+        "| variant | what | ours wall s | ours CPU s | reference wall s | reference CPU s "
+        "| ours / reference (CPU) | notes |",
         "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for res in results:
         pred = next(r for r in res["rows"] if r["name"] == "predict")
         for r in res["rows"]:
             ratio = f"{r['ours_cpu'] / r['ref_cpu']:.2f}" if "ref_cpu" in r else ""
-            notes = "; ".join(n for n in (r.get("ours_note", ""), ("reference: " + r["ref_note"]) if "ref_note" in r else "") if n)
+            ref_note = ("reference: " + r["ref_note"]) if "ref_note" in r else ""
+            notes = "; ".join(n for n in (r.get("ours_note", ""), ref_note) if n)
             if r["name"] == "predict + rollout":
                 notes = (f"ours {r['ours_cpu'] / pred['ours_cpu']:.2f}x our prediction alone; reference "
                          f"{r['ref_cpu'] / pred['ref_cpu']:.2f}x its prediction (CPU time)")

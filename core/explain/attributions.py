@@ -138,7 +138,8 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target: int, *, ctx:
     scans are far from the training data): on the phantom-trained test models it jumps
     over a few percent of the path and wiggles elsewhere (on one scan: a fall of 3.3
     logits in the first 5 %, a total variation five times the net change). A single rule
-    of any order spends its nodes where nothing happens. Doubling one Gauss-Legendre rule (6, 12, 24, 48 nodes: 90 evaluations
+    of any order spends its nodes where nothing happens. Doubling one Gauss-Legendre rule
+    (6, 12, 24, 48 nodes: 90 evaluations
     in all) converged on 12 of 40 lesion scans of five such models; this refinement
     converged on 36 of 40 within 64 evaluations (median |delta| 0.4-0.6 % of the logit
     per model).

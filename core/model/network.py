@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, fields, replace
 from functools import cache, partial
 from typing import Any
 
-import torch
 from timm.layers import Attention, HybridEmbed, LayerNorm
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer

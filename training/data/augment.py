@@ -154,7 +154,7 @@ def _affine(x: Tensor, cfg: AugmentConfig, ra: Tensor | None, gen: torch.Generat
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     # Rotation/zoom, then shear, then flip of the sampled x coordinate.  # (B, 2, 2)
     rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
-    ones, zeros = torch.ones_like(cos), torch.zeros_like(cos)
+    ones = torch.ones_like(cos)
     shear = torch.stack([torch.stack([ones, op["shear_x"]], -1),
                          torch.stack([op["shear_y"], ones], -1)], -2)
     lin = rot @ shear

@@ -1,1 +1,2 @@
-"""Learning: the Lightning module, the fit pipeline, optimizer groups, metrics, calibration, transfer, comparison, the OOD fit."""
+"""Learning: the Lightning module, the fit pipeline, optimizer groups, metrics, calibration,
+transfer, comparison, the OOD fit."""

@@ -136,7 +136,6 @@ def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor,
     conf, pred = probs.double().max(dim=1)
     correct = (pred == targets).double()
     bins = (conf * n_bins).ceil().long().clamp(1, n_bins) - 1  # (N,) in [0, n_bins)
-    count = torch.bincount(bins, minlength=n_bins).double()
     conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, conf)
     acc_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct)
     return ((acc_sum - conf_sum).abs().sum() / probs.shape[0]).item()

@@ -56,7 +56,8 @@ class TrainedPhantomModel:
     test_phantoms: list[Phantom]
 
 
-def _phantom_batch(labels: tuple[str, ...], seeds: range, cfg: PreprocessConfig) -> tuple[torch.Tensor, torch.Tensor, list[Phantom]]:
+def _phantom_batch(labels: tuple[str, ...], seeds: range, cfg: PreprocessConfig
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[Phantom]]:
     ph = [make_phantom(lab, size=SCAN_SIZE, seed=s) for lab in labels for s in seeds]
     x = torch.stack([to_model_input(p.image, cfg) for p in ph])  # (N, 1, S, S)
     y = torch.tensor([p.label_index for p in ph])

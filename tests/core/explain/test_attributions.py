@@ -118,7 +118,8 @@ def test_integrated_gradients_refines_where_the_path_jumps() -> None:
     assert r.extras["delta"] == pytest.approx(total - want, abs=1e-6)
 
 
-def _stem_activation_and_grad(model: torch.nn.Module, x: torch.Tensor, target: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _stem_activation_and_grad(model: torch.nn.Module, x: torch.Tensor, target: int
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
     acts = []
     h = model.patch_embed.backbone.register_forward_hook(lambda m, i, o: acts.append(o))
     try:

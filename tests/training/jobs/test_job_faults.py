@@ -6,7 +6,6 @@ detached process per job); every process of a job's session is killed when a tes
 """
 from __future__ import annotations
 
-import os
 import re
 import signal
 import sqlite3
