@@ -18,16 +18,15 @@ from pathlib import Path
 
 from lungvit.core.errors import LungViTError
 from lungvit.core.io.ingest import load_scan
-from lungvit.core.io.pixel_math import range_window
+from lungvit.core.io.pixel_math import CT_WINDOWS
 from lungvit.core.io.scan import Scan, ScanMetadata
 
 FILE = "File's own window (VOI)"
 AUTO = "Auto (0.5-99.5 percentile)"
 FULL = "Full range (min-max)"
 CUSTOM = "Custom"
-# (center, width) in Hounsfield units: meaningful for CT only.
-CT_PRESETS: dict[str, tuple[float, float]] = {
-    "CT lung": (-600.0, 1500.0), "CT mediastinum": (40.0, 400.0), "CT bone": (400.0, 1800.0)}
+# (center, width) in Hounsfield units, core's: meaningful for CT only.
+CT_PRESETS = CT_WINDOWS
 GENERAL = [FILE, AUTO, FULL]
 # The presets that core computes from the image itself (load_scan's named windows).
 NAMED = {AUTO: "auto", FULL: "minmax"}
@@ -56,29 +55,20 @@ class Windowed:
     notes: list[str] = field(default_factory=list)
 
 
-def is_ct(meta: ScanMetadata) -> bool:
-    """Whether the scan's values are Hounsfield units (CT modality or an HU rescale)."""
-    rescale_type = str((meta.rescale or {}).get("type", "")).upper()
-    return (meta.modality or "").upper() == "CT" or rescale_type == "HU"
-
-
 def presets_for(meta: ScanMetadata | None) -> list[str]:
     """The presets that make sense for a scan (all general ones before any is read)."""
-    if meta is not None and is_ct(meta):
+    if meta is not None and meta.is_hounsfield:
         return [FILE, *CT_PRESETS, AUTO, FULL, CUSTOM]
     return [*GENERAL, CUSTOM]
 
 
 def numbers_of(meta: ScanMetadata) -> tuple[float | None, float | None]:
-    """The (center, width) the scan was shown with, for the level/width boxes; blanks when
-    the file's window is a lookup table (no single pair describes it)."""
-    w = meta.window or {}
-    if "center" in w and "width" in w:
-        return round(float(w["center"]), 1), round(float(w["width"]), 1)
-    if "low" in w and "high" in w:
-        c, width = range_window(float(w["low"]), float(w["high"]))
-        return round(c, 1), round(width, 1)
-    return None, None
+    """The (center, width) the scan was shown with, rounded for the level/width boxes;
+    blanks when the file's window is a lookup table (no single pair describes it)."""
+    center, width = meta.window_numbers()
+    if center is None or width is None:
+        return None, None
+    return round(center, 1), round(width, 1)
 
 
 def load_windowed(path: Path, preset: str, center: float | None, width: float | None,
@@ -116,7 +106,7 @@ def load_windowed(path: Path, preset: str, center: float | None, width: float | 
         # re-read with the file's own window is the rare case (an API call).
         window = CT_PRESETS[preset]
         scan = read(path, window=window, include_phi=include_phi)
-        if is_ct(scan.meta):
+        if scan.meta.is_hounsfield:
             return Windowed(scan, window, preset)
         first = read(path, include_phi=include_phi)
         modality = first.meta.modality or first.meta.source_format.upper()

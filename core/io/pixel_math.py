@@ -23,6 +23,10 @@ VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 # Windows a caller may ask for by name, computed from the image's own values:
 # "auto" spans the 0.5-99.5 percentiles, "minmax" every value.
 WINDOW_RANGES = ("auto", "minmax")
+# The classic CT windows, (center, width) in Hounsfield units: the same on every CT
+# scanner, and meaningless for values that are not HU.
+CT_WINDOWS: dict[str, tuple[float, float]] = {
+    "CT lung": (-600.0, 1500.0), "CT mediastinum": (40.0, 400.0), "CT bone": (400.0, 1800.0)}
 
 _BINCOUNT_MAX_RANGE = 1 << 22  # integer ranges up to 4 Mi values use an exact histogram
 _SAMPLE_TARGET = 1 << 20  # float data: percentiles of a strided sample of ~1 Mi pixels

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from lungvit.core.io.pixel_math import range_window
+
 
 @dataclass
 class ScanMetadata:
@@ -61,6 +63,23 @@ class ScanMetadata:
     color_saturation: float | None = None
     warnings: list[str] = field(default_factory=list)
     phi: dict[str, str] | None = None
+
+    @property
+    def is_hounsfield(self) -> bool:
+        """Whether the values are Hounsfield units (CT modality or an HU rescale), so the CT
+        windows of :data:`~lungvit.core.io.pixel_math.CT_WINDOWS` apply."""
+        rescale_type = str((self.rescale or {}).get("type", "")).upper()
+        return (self.modality or "").upper() == "CT" or rescale_type == "HU"
+
+    def window_numbers(self) -> tuple[float | None, float | None]:
+        """The (center, width) the scan was displayed with; (None, None) when the window
+        was a lookup table (no single pair describes it) or none is recorded."""
+        w = self.window or {}
+        if "center" in w and "width" in w:
+            return float(w["center"]), float(w["width"])
+        if "low" in w and "high" in w:
+            return range_window(float(w["low"]), float(w["high"]))
+        return None, None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (tuples become lists)."""
