@@ -215,7 +215,8 @@ def run_train(args: argparse.Namespace) -> int:
         from lungvit.training.jobs.runner import run_cli_job
 
         return run_cli_job(config_from_args(args), job)
-    from lungvit.training.learn.fit import build_datamodule, fit, resolve_config
+    from lungvit.training.learn.fit import fit
+    from lungvit.training.learn.setup import build_datamodule, resolve_config
 
     # Lightning logs its set-up chatter (devices, tips) at INFO through its own handler;
     # show it only with --verbose, and only once (not again through the root logger).

@@ -12,7 +12,8 @@ from lungvit.core.model.checkpoint import load_checkpoint, read_checkpoint_info
 from lungvit.cli.main import main as cli_main
 from lungvit.core.model.network import DEFAULT_VARIANT, VARIANTS, create_model
 from lungvit.training.config import TrainConfig, TrainConfigError
-from lungvit.training.learn.fit import adapt_model, fit, resolve_config, resolve_precision
+from lungvit.training.learn.fit import fit
+from lungvit.training.learn.setup import adapt_model, resolve_config, resolve_precision
 
 
 def _demo_data(path: Path, per_class: int, *, size: int = 64, seed: int = 1,

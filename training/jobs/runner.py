@@ -381,7 +381,7 @@ def _fail(store: Store, job_id: int, exc: BaseException) -> None:
 def _run(store: Store, job_id: int, request: JobRequest, url: str, heartbeat_s: float,
          progress: ProgressFn | None, worker_logs: bool, seen_attempt: int) -> JobStatus:
     from lungvit.training.jobs import ray_cluster, ray_train
-    from lungvit.training.learn.fit import build_datamodule, resolve_config
+    from lungvit.training.learn.setup import build_datamodule, resolve_config
 
     request.validate()
     if request.mlflow_uri:

@@ -22,7 +22,7 @@ A run from scratch has the policy ``scratch`` (nothing frozen, one rate). ``Trai
 transfer`` may name a policy instead of ``auto``. The chosen policy and why are written to
 the run's report, the checkpoint's metrics (``metrics["transfer"]``) and the printed summary.
 
-The head: :func:`lungvit.training.learn.fit.adapt_model` gives a run whose labels differ from the
+The head: :func:`lungvit.training.learn.setup.adapt_model` gives a run whose labels differ from the
 base's a new, freshly initialised head sized for its labels; the rows of labels the base
 also has (matched by name) are copied from the base's head, so what the base knew of those
 classes is the starting point, and the base's other labels are dropped. Frozen parameters
