@@ -60,7 +60,7 @@ def preview_dataset(ctx: AppContext, folder: str | None, archive: Any
         (summary Markdown, rows [class, images, train, val, test, note], resolved folder).
     """
     from lungvit.training.config import TrainConfig
-    from lungvit.training.data.discover import preview
+    from lungvit.training.data.preview import preview
 
     root = _dataset_dir(ctx, folder, archive)
     defaults = TrainConfig(data=str(root), out="")
@@ -101,7 +101,7 @@ def start_finetune(ctx: AppContext, folder: str | None, archive: Any, epochs: fl
         (the job's id, a status line).
     """
     from lungvit.core.errors import CheckpointError
-    from lungvit.training.data.discover import preview
+    from lungvit.training.data.preview import preview
     from lungvit.training.jobs.runner import launch_job
 
     root = _dataset_dir(ctx, folder, archive)

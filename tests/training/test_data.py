@@ -10,7 +10,8 @@ import pytest
 from lungvit.cli import main as cli
 from lungvit.synthetic.phantoms import CLASS_NAMES
 from lungvit.core.io.phi import patient_key
-from lungvit.training.data.discover import DatasetError, discover, patient_from_name, preview
+from lungvit.training.data.discover import DatasetError, discover, patient_from_name
+from lungvit.training.data.preview import preview
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ from lungvit.synthetic.phantoms import CLASS_NAMES
 from lungvit.core.model.preprocess import PreprocessConfig
 from lungvit.training.data.augment import AugmentConfig, augment_batch
 from lungvit.training.data.cache import SCALE
-from lungvit.training.data.discover import DatasetError, discover, preview
+from lungvit.training.data.discover import DatasetError, discover
+from lungvit.training.data.preview import preview
 from lungvit.training.data.datamodule import ScanDataModule
 from lungvit.training.data.splits import load_split_manifest
 
