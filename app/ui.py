@@ -48,7 +48,9 @@ def build_app(context: AppContext | None = None, *, model: str | Path | None = N
         The Blocks app; launch it with ``app.launch(**launch_options(context, ...))``.
     """
     ctx = context or make_context(model, db_url=db_url, data_dir=data_dir)
-    with gr.Blocks(title="LungViT", delete_cache=(3600, 86400)) as app:
+    # No telemetry: Gradio would otherwise report to api.gradio.app (its version check and
+    # usage analytics, with the server's address); a hospital's app talks to no one.
+    with gr.Blocks(title="LungViT", delete_cache=(3600, 86400), analytics_enabled=False) as app:
         app.lungvit_context = ctx  # type: ignore[attr-defined]  # for launch_options
         # This browser session's model: a checkpoint path, or None for the app's default.
         # Switching it changes the model of this session only.
