@@ -7,9 +7,13 @@ The life of a job::
         # the process, ``python -m lungvit.training.jobs.runner --job-id N``, calls run_job(N):
         #   prepare the data -> connect to Ray -> attempt 1 "running" -> heartbeat every
         #   few seconds while Ray Train runs the workers -> "succeeded" with the model
-    Store.request_cancel(job_id)          # the process aborts Ray within seconds: "cancelled"
+    cancel_job(job_id)                    # the process aborts Ray within seconds: "cancelled"
     recover_interrupted()                 # at app start: dead processes -> "interrupted"
     resume_job(job_id)                    # a new process continues from the last checkpoint
+    promote_result(job_id)                # "Use this model": its final model is the promoted one
+
+These functions are the job API: the app and ``lungvit`` write to the store only through
+them (``tests/test_store_writes.py`` checks it) and read it directly.
 
 A worker that dies is restarted by Ray (``max_failures`` times) from the latest checkpoint;
 the store counts that restart as the job's next attempt. Torch, Lightning and Ray are
@@ -41,8 +45,9 @@ from lungvit.core.errors import LungViTError
 from lungvit.training.config import TrainConfig
 from lungvit.core.configs import unknown_keys
 from lungvit.training.jobs.ray_sessions import reap_job_session
-from lungvit.training.store import (AttemptConflictError, JobRecord, JobStatus, Store,
-                                    default_data_dir, default_db_url, open_store)
+from lungvit.training.store import (AttemptConflictError, CheckpointRecord, JobRecord,
+                                    JobStatus, Store, default_data_dir, default_db_url,
+                                    open_store)
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +227,52 @@ def recover_interrupted(db_url: str | None = None, *,
         for job_id in stale:
             reap_job_session(store.get_job(job_id))
     return stale
+
+
+def cancel_job(job_id: int, *, db_url: str | None = None) -> JobStatus:
+    """Ask job ``job_id`` to stop (what the app's Cancel and ``lungvit runs cancel`` do).
+
+    A queued or interrupted job is cancelled at once; a running one is flagged, and its
+    process stops its workers within seconds; a finished one is left as it is.
+
+    Returns:
+        The job's status right after the request (``cancelled``, ``running`` while it
+        stops, or the status it ended with).
+
+    Raises:
+        JobNotFoundError: there is no such job.
+    """
+    with open_store(_url(db_url)) as store:
+        return store.request_cancel(job_id)
+
+
+def promote_checkpoint(job_id: int, version: int, *,
+                       db_url: str | None = None) -> CheckpointRecord:
+    """Mark checkpoint ``version`` of job ``job_id`` as its promoted one (and no other).
+
+    Raises:
+        JobNotFoundError: there is no such job, or it has no checkpoint ``version``.
+    """
+    with open_store(_url(db_url)) as store:
+        return store.promote(job_id, version)
+
+
+def promote_result(job_id: int, *, db_url: str | None = None) -> CheckpointRecord | None:
+    """Promote the checkpoint of job ``job_id``'s final model ("Use this model",
+    ``lungvit runs promote ID``).
+
+    Returns:
+        The promoted checkpoint; None, with nothing changed, while the job has no final
+        model or its final model is not among the checkpoints the store recorded.
+
+    Raises:
+        JobNotFoundError: there is no such job.
+    """
+    with open_store(_url(db_url)) as store:
+        job = store.get_job(job_id)
+        finals = [c.version for c in store.checkpoints(job_id)
+                  if job.result_checkpoint_path and c.path == job.result_checkpoint_path]
+        return store.promote(job_id, finals[-1]) if finals else None
 
 
 def resume_job(job_id: int, *, db_url: str | None = None,
