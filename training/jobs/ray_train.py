@@ -36,6 +36,7 @@ from lungvit.training.config import TrainConfig
 from lungvit.training.learn.fit import fit
 from lungvit.training.jobs.loopback_pg import install as install_loopback_rendezvous
 from lungvit.training.store import open_store
+from lungvit.training.store.resumable import latest_resumable
 from lungvit.training.jobs.store_callback import StoreCallback
 
 CHECKPOINT_FILE = "checkpoint.ckpt"  # the Lightning checkpoint inside a Ray checkpoint folder
@@ -212,8 +213,6 @@ def _resume_point(spec: TrainSpec) -> Iterator[str | None]:
     newest intact one the store knows now. The last matters when a node dies just after a
     checkpoint was saved and recorded but before Ray's controller registered it: Ray would
     hand back the one before, and the steps between would be trained twice."""
-    from lungvit.training.jobs.runner import latest_resumable
-
     checkpoint = ray.train.get_checkpoint()
     ray_step = _step_of(Path(checkpoint.path).name) if checkpoint is not None else -1
     with open_store(spec.db_url) as store:

@@ -48,6 +48,7 @@ from lungvit.training.jobs.ray_sessions import reap_job_session
 from lungvit.training.store import (AttemptConflictError, CheckpointRecord, JobRecord,
                                     JobStatus, Store, default_data_dir, default_db_url,
                                     open_store)
+from lungvit.training.store.resumable import latest_resumable
 
 log = logging.getLogger(__name__)
 
@@ -488,17 +489,6 @@ def _run(store: Store, job_id: int, request: JobRequest, url: str, heartbeat_s: 
         # Written before the local Ray cluster shuts down (a few seconds): a cancelled job
         # shows as cancelled as soon as its workers are gone (Ray's abort stopped them).
         return _finish(store, job_id, watcher, error)
-
-
-def latest_resumable(store: Store, job_id: int) -> str | None:
-    """The newest intact resumable checkpoint the store knows of (a resumed job's start)."""
-    from lungvit.training.data.discover import file_sha256
-
-    for c in sorted(store.checkpoints(job_id), key=lambda c: c.version, reverse=True):
-        if c.path.endswith(".ckpt") and Path(c.path).is_file() and \
-                file_sha256(c.path) == c.sha256:
-            return c.path
-    return None
 
 
 def _finish(store: Store, job_id: int, watcher: _Watcher, error: str | None) -> JobStatus:
