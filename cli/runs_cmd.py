@@ -296,8 +296,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
             raise jobs.JobError(f"job {args.job} is {job.status}; only an interrupted job can "
                                 "be resumed")
         reap_job_session(job)
-        return jobs.run_in_foreground(args.job, db_url=args.db,
-                                      worker_logs=bool(getattr(args, "verbose", False)))
+        return exit_codes.of_job(jobs.run_in_foreground(
+            args.job, db_url=args.db, worker_logs=bool(getattr(args, "verbose", False))))
     proc = jobs.resume_job(args.job, db_url=args.db)
     print(f"job {args.job}: resuming in process {proc.pid}; follow it with "
           f"`lungvit runs show {args.job}`")

@@ -4,7 +4,7 @@ The life of a job::
 
     request = JobRequest(train={"data": "/scans", "epochs": 12}, workers=2)
     job_id = launch_job(request)          # row "queued" + a detached process (survives the UI)
-        # the process, ``python -m lungvit.training.jobs.runner --job-id N``, calls run_job(N):
+        # the process, ``python -m lungvit.cli.job_process --job-id N``, calls run_job(N):
         #   prepare the data -> connect to Ray -> attempt 1 "running" -> heartbeat every
         #   few seconds while Ray Train runs the workers -> "succeeded" with the model
     cancel_job(job_id)                    # the process aborts Ray within seconds: "cancelled"
@@ -34,7 +34,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 DEFAULT_HEARTBEAT_S = 5.0
 DEFAULT_STALE_AFTER_S = 60.0
 LOG_NAME = "job.log"
+# The job process's module (it calls run_job); named, not imported: training imports no cli.
+JOB_PROCESS = "lungvit.cli.job_process"
 MODEL_NAME = "model.safetensors"
 # Progress callback: (optimizer steps done, expected total or None, latest metric values).
 ProgressFn = Callable[[int, "int | None", dict[str, float]], None]
@@ -202,8 +204,8 @@ def start_job_process(job_id: int, *, db_url: str | None = None,
         run_dir = job_run_dir(job_id, JobRequest.from_dict(job.request_config), url)
         run_dir.mkdir(parents=True, exist_ok=True)
         log_path = run_dir / LOG_NAME
-        cmd = [sys.executable, "-m", "lungvit.training.jobs.runner", "--job-id", str(job_id),
-               "--db", url, "--heartbeat", str(heartbeat_s)]
+        cmd = [sys.executable, "-m", JOB_PROCESS, "--job-id", str(job_id), "--db", url,
+               "--heartbeat", str(heartbeat_s)]
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)
@@ -523,11 +525,14 @@ def request_from_cli(cfg: TrainConfig, opts: argparse.Namespace) -> JobRequest:
     return request.validate()
 
 
-def run_cli_job(cfg: TrainConfig, opts: argparse.Namespace) -> int:
+def run_cli_job(cfg: TrainConfig, opts: argparse.Namespace) -> JobStatus:
     """``lungvit train`` on Ray: queue a job in the store and run it here.
 
     A wrong ``--db`` URL or a Ray cluster that does not answer (or refuses the token) is an
     error before anything is written to the store.
+
+    Returns:
+        The job's final status (``lungvit train`` exits with its code).
     """
     from lungvit.training.jobs.ray_address import check_address
     from lungvit.training.store.engine import parse_store_url
@@ -547,11 +552,11 @@ def run_cli_job(cfg: TrainConfig, opts: argparse.Namespace) -> int:
 
 
 def run_in_foreground(job_id: int, *, db_url: str | None = None,
-                      worker_logs: bool = False) -> int:
+                      worker_logs: bool = False) -> JobStatus:
     """Run (or resume) a job in this process with a progress bar; print the outcome.
 
     Returns:
-        An exit code: 0 succeeded, 3 failed, 1 cancelled or interrupted.
+        The job's final status.
     """
     from tqdm.auto import tqdm
 
@@ -580,7 +585,7 @@ def run_in_foreground(job_id: int, *, db_url: str | None = None,
             print(verdict)
     if job.error_text:
         print(job.error_text.strip().splitlines()[-1], file=sys.stderr)
-    return exit_code(status)
+    return status
 
 
 def comparison_line(final: Mapping[str, Any]) -> str:
@@ -595,39 +600,3 @@ def comparison_line(final: Mapping[str, Any]) -> str:
            f"{abs(delta) * 100:.1f} points of accuracy")
     return (f"{how} on {int(n)} test scans ({final.get('compare/base_acc', math.nan):.1%} -> "
             f"{final.get('compare/tuned_acc', math.nan):.1%})")
-
-
-def exit_code(status: JobStatus) -> int:
-    """0 succeeded, 3 failed, 1 anything else (cancelled, interrupted)."""
-    return {JobStatus.SUCCEEDED: 0, JobStatus.FAILED: 3}.get(status, 1)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lungvit.training.jobs.runner --job-id N [--db URL]``: run one job here."""
-    parser = argparse.ArgumentParser(
-        prog="python -m lungvit.training.jobs.runner",
-        description="Run one queued LungViT fine-tune job from the tracking store (or resume "
-        "an interrupted one) in this process. The app and `lungvit runs resume` start it.")
-    parser.add_argument("--job-id", type=int, required=True, help="the job to run")
-    parser.add_argument("--db", metavar="URL", help="the store (default: the user's SQLite "
-                        "file)")
-    parser.add_argument("--heartbeat", type=float, default=DEFAULT_HEARTBEAT_S, metavar="S",
-                        help=f"seconds between heartbeats (default {DEFAULT_HEARTBEAT_S:g})")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
-                        "%(message)s")
-    # A process started in the background may inherit SIGINT ignored; cancelling relies on it.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        status = run_job(args.job_id, db_url=args.db, heartbeat_s=args.heartbeat)
-    except LungViTError as exc:
-        print(f"job {args.job_id}: {exc}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        return 130
-    print(f"job {args.job_id}: {status}")
-    return exit_code(status)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
