@@ -45,6 +45,7 @@ from lungvit.core.errors import LungViTError
 from lungvit.training.config import TrainConfig
 from lungvit.core.configs import unknown_keys
 from lungvit.training.jobs.ray_sessions import reap_job_session
+from lungvit.training.jobs.worker_hooks import check_importable, is_module_name
 from lungvit.training.store import (AttemptConflictError, CheckpointRecord, JobRecord,
                                     JobStatus, Store, default_data_dir, default_db_url,
                                     open_store)
@@ -83,9 +84,10 @@ class JobRequest:
         max_failures: times Ray may restart the workers after a failure.
         metrics_every_n_steps: store the training loss and learning rate every N steps.
         mlflow_uri: also log metrics to this MLflow tracking URI (needs ``mlflow``).
-        fault_injection: tests only: ``{"rank": r, "step": s}`` makes worker r exit hard
-            at step s, once; ``{"kill_job_at_checkpoint": s}`` SIGKILLs the job process
-            and rank 0 right after checkpoint s is stored, once.
+        worker_hooks: tests only: a module (a dotted name, importable in the job process
+            and its workers) whose ``install`` each Ray Train worker calls before it trains;
+            see :mod:`lungvit.training.jobs.worker_hooks`.
+        worker_hooks_args: that module's settings (JSON).
     """
 
     train: dict[str, Any]
@@ -99,7 +101,8 @@ class JobRequest:
     max_failures: int = 1
     metrics_every_n_steps: int = 1
     mlflow_uri: str | None = None
-    fault_injection: dict[str, int] | None = None
+    worker_hooks: str | None = None
+    worker_hooks_args: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         # Paths become strings: the request is stored as JSON.
@@ -123,16 +126,26 @@ class JobRequest:
                             f"{self.metrics_every_n_steps}")
         if self.cpus_per_worker <= 0:
             problems.append(f"cpus_per_worker must be > 0, not {self.cpus_per_worker}")
+        if self.worker_hooks is not None and not is_module_name(self.worker_hooks):
+            problems.append(f"worker_hooks must be a dotted module name such as pkg.module, "
+                            f"not {self.worker_hooks!r}")
         if problems:
             raise JobError("invalid job request: " + "; ".join(problems))
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.worker_hooks is None:  # a tests-only seam stays out of users' records
+            del data["worker_hooks"], data["worker_hooks_args"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> JobRequest:
         """Rebuild a request; unknown keys are an error rather than silently ignored."""
+        data = dict(data)
+        # Requests stored by earlier versions name a tests-only setting, unset outside tests.
+        if "fault_injection" in data and data["fault_injection"] is None:
+            del data["fault_injection"]
         unknown = unknown_keys(cls, data)
         if unknown:
             raise JobError(f"unknown job request keys: {', '.join(unknown)}")
@@ -438,6 +451,11 @@ def _run(store: Store, job_id: int, request: JobRequest, url: str, heartbeat_s: 
     from lungvit.training.learn.fit import build_datamodule, resolve_config
 
     request.validate()
+    if request.worker_hooks is not None:
+        try:
+            check_importable(request.worker_hooks)
+        except ValueError as exc:
+            raise JobError(str(exc)) from None
     if request.mlflow_uri:
         import importlib.util
 
@@ -460,8 +478,8 @@ def _run(store: Store, job_id: int, request: JobRequest, url: str, heartbeat_s: 
         storage_path=str(Path(cfg.run_dir) / "ray"), name=f"job-{job_id}",
         launch_id=uuid.uuid4().hex, metrics_every_n_steps=request.metrics_every_n_steps,
         mlflow_uri=request.mlflow_uri, resume_from=latest_resumable(store, job_id),
-        fault=request.fault_injection, owner_pid=os.getpid(),
-        owner_host=socket.gethostname())
+        worker_hooks=request.worker_hooks, worker_hooks_args=request.worker_hooks_args,
+        owner_pid=os.getpid(), owner_host=socket.gethostname())
     opts = ray_cluster.ClusterOptions(address=request.ray_address,
                                        num_cpus=None if request.ray_address
                                        else request.local_cpus(), log_to_driver=worker_logs)
