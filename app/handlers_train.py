@@ -1,7 +1,8 @@
 """Thin handlers of the Fine-tune and Runs tabs (the Model tab's are in handlers_model).
 
-They talk to training only through the store (reads, job requests, cancellations,
-promotions) and the job launcher; training itself runs in its own process. "Use this
+They read the store directly and change it only through the job API
+(:mod:`lungvit.training.jobs.runner`: launch, cancel, promote, resume); training itself
+runs in its own process. "Use this
 model" switches the model of the browser session that asks, never anyone else's.
 """
 from __future__ import annotations
@@ -201,10 +202,12 @@ def cancel_job(ctx: AppContext, job_id: float | None) -> str:
         else "Cancel requested for job N (now STATUS)." (a job that ended otherwise, or is
         still stopping).
     """
+    from lungvit.training.jobs import runner as jobs
+
     if not job_id:
         raise gr.Error("No job to cancel")
+    status = str(jobs.cancel_job(int(job_id), db_url=ctx.paths.db_url))
     with _store(ctx) as store:
-        status = str(store.request_cancel(int(job_id)))
         deadline = time.monotonic() + CANCEL_WAIT_S
         while status in ACTIVE and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -286,6 +289,8 @@ def use_job_model(ctx: AppContext, job_id: float | None, acknowledged: bool = Fa
     Returns:
         (a status line, the session's new model choice: the model's path).
     """
+    from lungvit.training.jobs.runner import promote_result
+
     if not job_id:
         raise gr.Error("Pick a finished job first")
     with _store(ctx) as store:
@@ -296,10 +301,8 @@ def use_job_model(ctx: AppContext, job_id: float | None, acknowledged: bool = Fa
         if verdict is not None and verdict.needs_confirmation and not acknowledged:
             raise gr.Error("Not switched. " + html.escape(" ".join(verdict.warnings))
                            + " Tick \"use it anyway\" to use it all the same.")
-        ctx.sessions.load(job.result_checkpoint_path)
-        ckpts = [c for c in store.checkpoints(job.id) if c.path == job.result_checkpoint_path]
-        if ckpts:
-            store.promote(job.id, ckpts[-1].version)
+    ctx.sessions.load(job.result_checkpoint_path)
+    promote_result(job.id, db_url=ctx.paths.db_url)  # if the store recorded its checkpoint
     served = ctx.model_for(job.result_checkpoint_path)
     return (f"This browser session now uses the model of job {job.id}: {served.describe()} "
             "(other users keep theirs; \"Back to the bundled model\" in the Model tab undoes "

@@ -271,10 +271,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
+    from lungvit.training.jobs.runner import cancel_job
     from lungvit.training.store import JobStatus
 
-    with _store(args) as store:
-        status = store.request_cancel(args.job)
+    status = cancel_job(args.job, db_url=args.db)
     if status is JobStatus.CANCELLED:
         print(f"job {args.job}: cancelled")
     elif status is JobStatus.RUNNING:
@@ -296,8 +296,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
             raise jobs.JobError(f"job {args.job} is {job.status}; only an interrupted job can "
                                 "be resumed")
         reap_job_session(job)
-        return jobs.run_in_foreground(args.job, db_url=args.db,
-                                      worker_logs=bool(getattr(args, "verbose", False)))
+        return exit_codes.of_job(jobs.run_in_foreground(
+            args.job, db_url=args.db, worker_logs=bool(getattr(args, "verbose", False))))
     proc = jobs.resume_job(args.job, db_url=args.db)
     print(f"job {args.job}: resuming in process {proc.pid}; follow it with "
           f"`lungvit runs show {args.job}`")
@@ -305,19 +305,16 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
+    from lungvit.training.jobs.runner import promote_checkpoint, promote_result
     from lungvit.training.store import JobNotFoundError
 
-    with _store(args) as store:
-        version = args.version
-        if version is None:
-            job = store.get_job(args.job)
-            finals = [c.version for c in store.checkpoints(args.job)
-                      if job.result_checkpoint_path and c.path == job.result_checkpoint_path]
-            if not finals:
-                raise JobNotFoundError(f"job {args.job} has no final model yet; name a "
-                                       "checkpoint with --version")
-            version = finals[-1]
-        record = store.promote(args.job, version)
+    if args.version is not None:
+        record = promote_checkpoint(args.job, args.version, db_url=args.db)
+    else:
+        record = promote_result(args.job, db_url=args.db)
+        if record is None:
+            raise JobNotFoundError(f"job {args.job} has no final model yet; name a "
+                                   "checkpoint with --version")
     print(record.path)
     print(f"job {args.job}: checkpoint v{record.version} promoted", file=sys.stderr)
     return exit_codes.OK

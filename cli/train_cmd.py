@@ -214,7 +214,7 @@ def run_train(args: argparse.Namespace) -> int:
     if job is not None:  # --workers / --ray-address: a Ray Train job tracked in the store
         from lungvit.training.jobs.runner import run_cli_job
 
-        return run_cli_job(config_from_args(args), job)
+        return exit_codes.of_job(run_cli_job(config_from_args(args), job))
     from lungvit.training.learn.fit import fit
     from lungvit.training.learn.setup import build_datamodule, resolve_config
 

@@ -12,10 +12,8 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,14 +32,15 @@ from ray.train.torch.config import _TorchBackend
 from lungvit.core.errors import LungViTError
 from lungvit.training.config import TrainConfig
 from lungvit.training.learn.fit import fit
+from lungvit.training.jobs import worker_hooks
 from lungvit.training.jobs.loopback_pg import install as install_loopback_rendezvous
 from lungvit.training.store import open_store
+from lungvit.training.store.resumable import latest_resumable
 from lungvit.training.jobs.store_callback import StoreCallback
 
 CHECKPOINT_FILE = "checkpoint.ckpt"  # the Lightning checkpoint inside a Ray checkpoint folder
 CHECKPOINT_PREFIX = "checkpoint_step"  # + the optimizer step: the folder Ray copies it to
 SCORE_ATTRIBUTE = "val_loss"
-FAULT_MARKER = ".fault_injected"
 
 
 class RayTrainingError(LungViTError):
@@ -78,9 +77,9 @@ class TrainSpec:
         metrics_every_n_steps: store the training loss and learning rate every N steps.
         mlflow_uri: also log metrics to this MLflow tracking server.
         resume_from: a Lightning checkpoint to continue from, unless Ray has a newer one.
-        fault: test hooks: {"rank": r, "step": s}: worker r exits hard at step s, once;
-            {"kill_job_at_checkpoint": s}: once checkpoint s is in the store, rank 0
-            SIGKILLs the job process (``owner_pid``), then itself, once.
+        worker_hooks: tests only: a module whose ``install`` each worker calls before it
+            trains (:mod:`lungvit.training.jobs.worker_hooks`); None in production.
+        worker_hooks_args: that module's settings (``spec.worker_hooks_args``).
         owner_pid, owner_host: the job process that runs this (a restart of the workers
             counts as a new attempt only while the job is still that process's).
     """
@@ -101,13 +100,19 @@ class TrainSpec:
     metrics_every_n_steps: int = 1
     mlflow_uri: str | None = None
     resume_from: str | None = None
-    fault: dict[str, int] | None = None
+    worker_hooks: str | None = None
+    worker_hooks_args: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        # pid 0 would make os.kill signal the whole process group (the fault hook).
+        # pid 0 would make os.kill signal the whole process group (a hook that kills the
+        # job process, as the tests' fault hooks do).
         if self.owner_pid <= 0 or not self.owner_host:
             raise ValueError(f"TrainSpec needs the job process's pid and host, got "
                              f"{self.owner_pid!r} on {self.owner_host!r}")
+        if self.worker_hooks is not None and not worker_hooks.is_module_name(
+                self.worker_hooks):
+            raise ValueError(f"worker_hooks must be a dotted module name, not "
+                             f"{self.worker_hooks!r}")
 
 
 class _LoopbackTorchBackend(_TorchBackend):
@@ -184,13 +189,11 @@ def _train_worker(config: dict[str, Any]) -> None:
     # of that step is reported, so a run resumed from any checkpoint misses none of them.
     callbacks: list[Any] = [] if store_cb is None else [store_cb]
     on_checkpoint = store_cb.record_checkpoint if store_cb else None
-    fault, marker = dict(spec.fault or {}), Path(cfg.run_dir) / FAULT_MARKER
-    kill_at = fault.pop("kill_job_at_checkpoint", None)
-    if on_checkpoint is not None and kill_at is not None:
-        on_checkpoint = _kill_job_after(on_checkpoint, kill_at, spec.owner_pid, marker)
+    if spec.worker_hooks is not None:  # tests only (fault injection)
+        callbacks, on_checkpoint = worker_hooks.apply(
+            spec.worker_hooks, rank=rank, spec=spec, callbacks=callbacks,
+            on_checkpoint=on_checkpoint)
     callbacks.append(ReportToRay(on_checkpoint))
-    if fault:
-        callbacks.append(FailOnce(rank, **fault, marker=marker))
     extra = {"logger": _loggers(cfg, spec)} if spec.mlflow_uri else {}
 
     with _resume_point(spec) as resume_from:
@@ -212,8 +215,6 @@ def _resume_point(spec: TrainSpec) -> Iterator[str | None]:
     newest intact one the store knows now. The last matters when a node dies just after a
     checkpoint was saved and recorded but before Ray's controller registered it: Ray would
     hand back the one before, and the steps between would be trained twice."""
-    from lungvit.training.jobs.runner import latest_resumable
-
     checkpoint = ray.train.get_checkpoint()
     ray_step = _step_of(Path(checkpoint.path).name) if checkpoint is not None else -1
     with open_store(spec.db_url) as store:
@@ -310,51 +311,6 @@ class ReportToRay(Callback):
             storage = ray.train.get_context().get_storage()
             path = Path(storage.build_checkpoint_path_from_name(name)) / CHECKPOINT_FILE
             self.on_checkpoint(step, str(path), val_loss)
-
-
-class FailOnce(Callback):
-    """Test hook: worker ``rank`` exits hard at optimizer step ``step``, the first time only.
-
-    It first waits (up to ``wait_s``) until Ray has registered a checkpoint, so that the
-    restart has one to continue from: a checkpoint reported just before a crash may not be
-    registered yet, and the restart would then start over (correct, but not what a test of
-    resuming wants).
-    """
-
-    def __init__(self, this_rank: int, *, rank: int, step: int, marker: Path,
-                 wait_s: float = 120.0) -> None:
-        self.active = this_rank == rank
-        self.step, self.marker, self.wait_s = step, marker, wait_s
-
-    def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
-        if not self.active or trainer.global_step < self.step or self.marker.exists():
-            return
-        snapshot = Path(ray.train.get_context().get_storage().checkpoint_manager_snapshot_path)
-        deadline = time.monotonic() + self.wait_s
-        while time.monotonic() < deadline and '"latest_checkpoint_result":{' not in (
-                snapshot.read_text() if snapshot.exists() else ""):
-            time.sleep(0.2)
-        self.marker.write_text(f"worker exited at step {trainer.global_step}\n")
-        sys.stderr.write(f"fault injection: exiting at step {trainer.global_step}\n")
-        sys.stderr.flush()
-        os._exit(1)
-
-
-def _kill_job_after(record: Callable[[int, str, float | None], None], step: int, pid: int,
-                    marker: Path) -> Callable[[int, str, float | None], None]:
-    """Test hook: ``record``, then, once checkpoint ``step`` is recorded, SIGKILL of the job
-    process and of this worker (rank 0), so that nothing more reaches the store: whatever
-    of that step it still lacked would be lost to a resume from that checkpoint. The other
-    workers are left to die with the job (Ray ties them to it)."""
-    def record_then_kill(at: int, path: str, val_loss: float | None) -> None:
-        record(at, path, val_loss)
-        if at == step and not marker.exists():
-            marker.write_text(f"job process {pid} and rank 0 killed after checkpoint {at}\n")
-            sys.stderr.write(f"fault injection: killing the job process {pid} and rank 0\n")
-            sys.stderr.flush()
-            os.kill(pid, signal.SIGKILL)
-            os.kill(os.getpid(), signal.SIGKILL)
-    return record_then_kill
 
 
 class WorkerFailureEvents(UserCallback):

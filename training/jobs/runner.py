@@ -4,12 +4,16 @@ The life of a job::
 
     request = JobRequest(train={"data": "/scans", "epochs": 12}, workers=2)
     job_id = launch_job(request)          # row "queued" + a detached process (survives the UI)
-        # the process, ``python -m lungvit.training.jobs.runner --job-id N``, calls run_job(N):
+        # the process, ``python -m lungvit.cli.job_process --job-id N``, calls run_job(N):
         #   prepare the data -> connect to Ray -> attempt 1 "running" -> heartbeat every
         #   few seconds while Ray Train runs the workers -> "succeeded" with the model
-    Store.request_cancel(job_id)          # the process aborts Ray within seconds: "cancelled"
+    cancel_job(job_id)                    # the process aborts Ray within seconds: "cancelled"
     recover_interrupted()                 # at app start: dead processes -> "interrupted"
     resume_job(job_id)                    # a new process continues from the last checkpoint
+    promote_result(job_id)                # "Use this model": its final model is the promoted one
+
+These functions are the job API: the app and ``lungvit`` write to the store only through
+them (``tests/test_store_writes.py`` checks it) and read it directly.
 
 A worker that dies is restarted by Ray (``max_failures`` times) from the latest checkpoint;
 the store counts that restart as the job's next attempt. Torch, Lightning and Ray are
@@ -30,7 +34,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
@@ -41,14 +45,19 @@ from lungvit.core.errors import LungViTError
 from lungvit.training.config import TrainConfig
 from lungvit.core.configs import unknown_keys
 from lungvit.training.jobs.ray_sessions import reap_job_session
-from lungvit.training.store import (AttemptConflictError, JobRecord, JobStatus, Store,
-                                    default_data_dir, default_db_url, open_store)
+from lungvit.training.jobs.worker_hooks import check_importable, is_module_name
+from lungvit.training.store import (AttemptConflictError, CheckpointRecord, JobRecord,
+                                    JobStatus, Store, default_data_dir, default_db_url,
+                                    open_store)
+from lungvit.training.store.resumable import latest_resumable
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HEARTBEAT_S = 5.0
 DEFAULT_STALE_AFTER_S = 60.0
 LOG_NAME = "job.log"
+# The job process's module (it calls run_job); named, not imported: training imports no cli.
+JOB_PROCESS = "lungvit.cli.job_process"
 MODEL_NAME = "model.safetensors"
 # Progress callback: (optimizer steps done, expected total or None, latest metric values).
 ProgressFn = Callable[[int, "int | None", dict[str, float]], None]
@@ -75,9 +84,10 @@ class JobRequest:
         max_failures: times Ray may restart the workers after a failure.
         metrics_every_n_steps: store the training loss and learning rate every N steps.
         mlflow_uri: also log metrics to this MLflow tracking URI (needs ``mlflow``).
-        fault_injection: tests only: ``{"rank": r, "step": s}`` makes worker r exit hard
-            at step s, once; ``{"kill_job_at_checkpoint": s}`` SIGKILLs the job process
-            and rank 0 right after checkpoint s is stored, once.
+        worker_hooks: tests only: a module (a dotted name, importable in the job process
+            and its workers) whose ``install`` each Ray Train worker calls before it trains;
+            see :mod:`lungvit.training.jobs.worker_hooks`.
+        worker_hooks_args: that module's settings (JSON).
     """
 
     train: dict[str, Any]
@@ -91,7 +101,8 @@ class JobRequest:
     max_failures: int = 1
     metrics_every_n_steps: int = 1
     mlflow_uri: str | None = None
-    fault_injection: dict[str, int] | None = None
+    worker_hooks: str | None = None
+    worker_hooks_args: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         # Paths become strings: the request is stored as JSON.
@@ -115,16 +126,26 @@ class JobRequest:
                             f"{self.metrics_every_n_steps}")
         if self.cpus_per_worker <= 0:
             problems.append(f"cpus_per_worker must be > 0, not {self.cpus_per_worker}")
+        if self.worker_hooks is not None and not is_module_name(self.worker_hooks):
+            problems.append(f"worker_hooks must be a dotted module name such as pkg.module, "
+                            f"not {self.worker_hooks!r}")
         if problems:
             raise JobError("invalid job request: " + "; ".join(problems))
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.worker_hooks is None:  # a tests-only seam stays out of users' records
+            del data["worker_hooks"], data["worker_hooks_args"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> JobRequest:
         """Rebuild a request; unknown keys are an error rather than silently ignored."""
+        data = dict(data)
+        # Requests stored by earlier versions name a tests-only setting, unset outside tests.
+        if "fault_injection" in data and data["fault_injection"] is None:
+            del data["fault_injection"]
         unknown = unknown_keys(cls, data)
         if unknown:
             raise JobError(f"unknown job request keys: {', '.join(unknown)}")
@@ -196,8 +217,8 @@ def start_job_process(job_id: int, *, db_url: str | None = None,
         run_dir = job_run_dir(job_id, JobRequest.from_dict(job.request_config), url)
         run_dir.mkdir(parents=True, exist_ok=True)
         log_path = run_dir / LOG_NAME
-        cmd = [sys.executable, "-m", "lungvit.training.jobs.runner", "--job-id", str(job_id),
-               "--db", url, "--heartbeat", str(heartbeat_s)]
+        cmd = [sys.executable, "-m", JOB_PROCESS, "--job-id", str(job_id), "--db", url,
+               "--heartbeat", str(heartbeat_s)]
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, start_new_session=True)
@@ -222,6 +243,52 @@ def recover_interrupted(db_url: str | None = None, *,
         for job_id in stale:
             reap_job_session(store.get_job(job_id))
     return stale
+
+
+def cancel_job(job_id: int, *, db_url: str | None = None) -> JobStatus:
+    """Ask job ``job_id`` to stop (what the app's Cancel and ``lungvit runs cancel`` do).
+
+    A queued or interrupted job is cancelled at once; a running one is flagged, and its
+    process stops its workers within seconds; a finished one is left as it is.
+
+    Returns:
+        The job's status right after the request (``cancelled``, ``running`` while it
+        stops, or the status it ended with).
+
+    Raises:
+        JobNotFoundError: there is no such job.
+    """
+    with open_store(_url(db_url)) as store:
+        return store.request_cancel(job_id)
+
+
+def promote_checkpoint(job_id: int, version: int, *,
+                       db_url: str | None = None) -> CheckpointRecord:
+    """Mark checkpoint ``version`` of job ``job_id`` as its promoted one (and no other).
+
+    Raises:
+        JobNotFoundError: there is no such job, or it has no checkpoint ``version``.
+    """
+    with open_store(_url(db_url)) as store:
+        return store.promote(job_id, version)
+
+
+def promote_result(job_id: int, *, db_url: str | None = None) -> CheckpointRecord | None:
+    """Promote the checkpoint of job ``job_id``'s final model ("Use this model",
+    ``lungvit runs promote ID``).
+
+    Returns:
+        The promoted checkpoint; None, with nothing changed, while the job has no final
+        model or its final model is not among the checkpoints the store recorded.
+
+    Raises:
+        JobNotFoundError: there is no such job.
+    """
+    with open_store(_url(db_url)) as store:
+        job = store.get_job(job_id)
+        finals = [c.version for c in store.checkpoints(job_id)
+                  if job.result_checkpoint_path and c.path == job.result_checkpoint_path]
+        return store.promote(job_id, finals[-1]) if finals else None
 
 
 def resume_job(job_id: int, *, db_url: str | None = None,
@@ -384,6 +451,11 @@ def _run(store: Store, job_id: int, request: JobRequest, url: str, heartbeat_s: 
     from lungvit.training.learn.setup import build_datamodule, resolve_config
 
     request.validate()
+    if request.worker_hooks is not None:
+        try:
+            check_importable(request.worker_hooks)
+        except ValueError as exc:
+            raise JobError(str(exc)) from None
     if request.mlflow_uri:
         import importlib.util
 
@@ -406,8 +478,8 @@ def _run(store: Store, job_id: int, request: JobRequest, url: str, heartbeat_s: 
         storage_path=str(Path(cfg.run_dir) / "ray"), name=f"job-{job_id}",
         launch_id=uuid.uuid4().hex, metrics_every_n_steps=request.metrics_every_n_steps,
         mlflow_uri=request.mlflow_uri, resume_from=latest_resumable(store, job_id),
-        fault=request.fault_injection, owner_pid=os.getpid(),
-        owner_host=socket.gethostname())
+        worker_hooks=request.worker_hooks, worker_hooks_args=request.worker_hooks_args,
+        owner_pid=os.getpid(), owner_host=socket.gethostname())
     opts = ray_cluster.ClusterOptions(address=request.ray_address,
                                        num_cpus=None if request.ray_address
                                        else request.local_cpus(), log_to_driver=worker_logs)
@@ -437,17 +509,6 @@ def _run(store: Store, job_id: int, request: JobRequest, url: str, heartbeat_s: 
         # Written before the local Ray cluster shuts down (a few seconds): a cancelled job
         # shows as cancelled as soon as its workers are gone (Ray's abort stopped them).
         return _finish(store, job_id, watcher, error)
-
-
-def latest_resumable(store: Store, job_id: int) -> str | None:
-    """The newest intact resumable checkpoint the store knows of (a resumed job's start)."""
-    from lungvit.training.data.discover import file_sha256
-
-    for c in sorted(store.checkpoints(job_id), key=lambda c: c.version, reverse=True):
-        if c.path.endswith(".ckpt") and Path(c.path).is_file() and \
-                file_sha256(c.path) == c.sha256:
-            return c.path
-    return None
 
 
 def _finish(store: Store, job_id: int, watcher: _Watcher, error: str | None) -> JobStatus:
@@ -482,11 +543,14 @@ def request_from_cli(cfg: TrainConfig, opts: argparse.Namespace) -> JobRequest:
     return request.validate()
 
 
-def run_cli_job(cfg: TrainConfig, opts: argparse.Namespace) -> int:
+def run_cli_job(cfg: TrainConfig, opts: argparse.Namespace) -> JobStatus:
     """``lungvit train`` on Ray: queue a job in the store and run it here.
 
     A wrong ``--db`` URL or a Ray cluster that does not answer (or refuses the token) is an
     error before anything is written to the store.
+
+    Returns:
+        The job's final status (``lungvit train`` exits with its code).
     """
     from lungvit.training.jobs.ray_address import check_address
     from lungvit.training.store.engine import parse_store_url
@@ -506,11 +570,11 @@ def run_cli_job(cfg: TrainConfig, opts: argparse.Namespace) -> int:
 
 
 def run_in_foreground(job_id: int, *, db_url: str | None = None,
-                      worker_logs: bool = False) -> int:
+                      worker_logs: bool = False) -> JobStatus:
     """Run (or resume) a job in this process with a progress bar; print the outcome.
 
     Returns:
-        An exit code: 0 succeeded, 3 failed, 1 cancelled or interrupted.
+        The job's final status.
     """
     from tqdm.auto import tqdm
 
@@ -539,7 +603,7 @@ def run_in_foreground(job_id: int, *, db_url: str | None = None,
             print(verdict)
     if job.error_text:
         print(job.error_text.strip().splitlines()[-1], file=sys.stderr)
-    return exit_code(status)
+    return status
 
 
 def comparison_line(final: Mapping[str, Any]) -> str:
@@ -554,39 +618,3 @@ def comparison_line(final: Mapping[str, Any]) -> str:
            f"{abs(delta) * 100:.1f} points of accuracy")
     return (f"{how} on {int(n)} test scans ({final.get('compare/base_acc', math.nan):.1%} -> "
             f"{final.get('compare/tuned_acc', math.nan):.1%})")
-
-
-def exit_code(status: JobStatus) -> int:
-    """0 succeeded, 3 failed, 1 anything else (cancelled, interrupted)."""
-    return {JobStatus.SUCCEEDED: 0, JobStatus.FAILED: 3}.get(status, 1)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lungvit.training.jobs.runner --job-id N [--db URL]``: run one job here."""
-    parser = argparse.ArgumentParser(
-        prog="python -m lungvit.training.jobs.runner",
-        description="Run one queued LungViT fine-tune job from the tracking store (or resume "
-        "an interrupted one) in this process. The app and `lungvit runs resume` start it.")
-    parser.add_argument("--job-id", type=int, required=True, help="the job to run")
-    parser.add_argument("--db", metavar="URL", help="the store (default: the user's SQLite "
-                        "file)")
-    parser.add_argument("--heartbeat", type=float, default=DEFAULT_HEARTBEAT_S, metavar="S",
-                        help=f"seconds between heartbeats (default {DEFAULT_HEARTBEAT_S:g})")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
-                        "%(message)s")
-    # A process started in the background may inherit SIGINT ignored; cancelling relies on it.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        status = run_job(args.job_id, db_url=args.db, heartbeat_s=args.heartbeat)
-    except LungViTError as exc:
-        print(f"job {args.job_id}: {exc}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        return 130
-    print(f"job {args.job_id}: {status}")
-    return exit_code(status)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,6 +3,8 @@
 Each test starts Ray and trains (minutes on a 2-core machine), so they are marked slow:
 ``pytest -m slow tests/training/jobs``. Jobs are started the way the app starts them (a
 detached process per job); every process of a job's session is killed when a test ends.
+The faults come from :mod:`.fault_hooks`, which the job processes (and so their Ray
+workers) can import: its folder is on the ``PYTHONPATH`` they are started with.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import pytest
 from lungvit.training.jobs import runner as jobs
 from lungvit.training.store import JobStatus, open_store
 
+from . import fault_hooks
 from .conftest import (STEPS_PER_EPOCH, expected_metric_keys, ray_workers, session_processes,
                        train_request, wait_for)
 
@@ -28,6 +31,18 @@ HEARTBEAT_S = 1.0
 def _no_outside_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _fault_hooks_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job processes started here (and their Ray workers) can import the fault hooks."""
+    for name, value in fault_hooks.environment().items():
+        monkeypatch.setenv(name, value)
+
+
+def faults(**args: int) -> dict[str, object]:
+    """The job request settings that inject these faults (see :mod:`.fault_hooks`)."""
+    return {"worker_hooks": fault_hooks.MODULE, "worker_hooks_args": args}
 
 
 def start(request: dict, url: str, sessions: list[int]) -> tuple[int, object]:
@@ -49,7 +64,7 @@ def test_a_worker_killed_once_and_the_job_completes_as_attempt_2(
         db_url: str, png_data: Path, cache_dir: Path, sessions: list[int]) -> None:
     epochs = 3
     job_id, proc = start(train_request(png_data, cache_dir, epochs=epochs,
-                                       fault_injection={"rank": 1, "step": 6}),
+                                       **faults(rank=1, step=6)),
                          db_url, sessions)
     assert proc.wait(timeout=800) == 0
     with open_store(db_url) as store:
@@ -70,7 +85,7 @@ def test_a_worker_killed_once_and_the_job_completes_as_attempt_2(
 def test_with_max_failures_0_a_dead_worker_fails_the_job(
         db_url: str, png_data: Path, cache_dir: Path, sessions: list[int]) -> None:
     job_id, proc = start(train_request(png_data, cache_dir, epochs=3, max_failures=0,
-                                       fault_injection={"rank": 1, "step": 6}),
+                                       **faults(rank=1, step=6)),
                          db_url, sessions)
     assert proc.wait(timeout=800) == 3
     with open_store(db_url) as store:
@@ -88,7 +103,7 @@ def test_a_killed_job_is_recovered_and_resumed_from_its_last_checkpoint(
     # anything of that step the store still lacked would be lost to the resume.
     first = STEPS_PER_EPOCH
     job_id, proc = start(train_request(png_data, cache_dir, epochs=epochs,
-                                       fault_injection={"kill_job_at_checkpoint": first}),
+                                       **faults(kill_job_at_checkpoint=first)),
                          db_url, sessions)
     assert proc.wait(timeout=600) == -signal.SIGKILL
     with open_store(db_url) as store:

@@ -9,7 +9,7 @@ import pytest
 from lungvit.training.jobs import runner as jobs
 from lungvit.training.config import TrainConfig
 from lungvit.training.jobs.runner import JobError, JobRequest
-from lungvit.training.store import JobStatus, open_store
+from lungvit.training.store import JobNotFoundError, JobStatus, open_store
 
 
 def test_request_round_trip_and_validation() -> None:
@@ -67,6 +67,40 @@ def test_create_job_validates_before_queueing(tmp_path: Path) -> None:
         job = store.get_job(job_id)
     assert (job.status, job.name, job.request_config["workers"]) == (JobStatus.QUEUED,
                                                                     "first", 2)
+
+
+def test_cancel_job_cancels_queued_jobs_and_flags_running_ones(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'lungvit.db'}"
+    queued = jobs.create_job({"train": {"data": "/scans"}}, db_url=url)
+    running = jobs.create_job({"train": {"data": "/scans"}}, db_url=url)
+    with open_store(url) as store:
+        store.start_attempt(running, resolved_config={}, pid=1, hostname="h")
+    assert jobs.cancel_job(queued, db_url=url) is JobStatus.CANCELLED
+    assert jobs.cancel_job(running, db_url=url) is JobStatus.RUNNING  # its process stops it
+    with open_store(url) as store:
+        assert store.is_cancel_requested(running)
+        assert store.get_job(queued).status is JobStatus.CANCELLED
+
+
+def test_promote_result_promotes_the_final_models_checkpoint(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'lungvit.db'}"
+    job_id = jobs.create_job({"train": {"data": "/scans"}}, db_url=url)
+    assert jobs.promote_result(job_id, db_url=url) is None  # no final model yet
+    with open_store(url) as store:
+        for version in (4, 8):
+            store.record_checkpoint(job_id, version=version, path=f"/r/v{version}",
+                                    sha256="a" * 64)
+        store.set_result(job_id, "/r/v8")
+    assert jobs.promote_result(job_id, db_url=url).version == 8
+    assert jobs.promote_checkpoint(job_id, 4, db_url=url).promoted
+    with open_store(url) as store:
+        store.set_result(job_id, "/r/unrecorded.safetensors")
+        assert jobs.promote_result(job_id, db_url=url) is None
+        assert [c.promoted for c in store.checkpoints(job_id)] == [True, False]  # unchanged
+    with pytest.raises(JobNotFoundError, match="no checkpoint version 9"):
+        jobs.promote_checkpoint(job_id, 9, db_url=url)
+    with pytest.raises(JobNotFoundError, match="no job 99"):
+        jobs.promote_result(99, db_url=url)
 
 
 def test_recover_interrupted_marks_only_stale_running_jobs(tmp_path: Path) -> None:
