@@ -12,8 +12,8 @@ median of ``--runs`` (the first run also pays the OS's cold file cache):
 - the milestones the job records (process started, data prepared, Ray attempt started,
   worker placed) and the first training step's loss in the store, in seconds after the
   launch;
-- after ``--cancel-after-steps`` steps, Cancel (``Store.request_cancel``, what the app's
-  Cancel button calls): seconds until the job's status reads ``cancelled``, and until no
+- after ``--cancel-after-steps`` steps, Cancel (``cancel_job``, what the app's Cancel
+  button calls): seconds until the job's status reads ``cancelled``, and until no
   process of the job (its Ray workers included) is left.
 """
 from __future__ import annotations
@@ -66,7 +66,7 @@ def _alive(pid: int) -> bool:
 
 def one_run(data: Path, tmp: Path, cancel_after: int) -> dict[str, float]:
     """One job from the button to cancelled; seconds per milestone."""
-    from lungvit.training.jobs.runner import launch_job
+    from lungvit.training.jobs.runner import cancel_job, launch_job
     from lungvit.training.store import open_store
 
     url = f"sqlite:///{tmp / 'jobs.db'}"
@@ -104,7 +104,7 @@ def one_run(data: Path, tmp: Path, cancel_after: int) -> dict[str, float]:
         pid = job.pid
         tree = [pid, *_descendants(pid)] if pid else []
         t1 = time.monotonic()
-        store.request_cancel(job_id)
+        cancel_job(job_id, db_url=url)
         while str(store.get_job(job_id).status) != "cancelled":
             if time.monotonic() - t1 > 120:
                 raise RuntimeError(f"job {job_id} not cancelled in 120 s")
