@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from lungvit.cli import exit_codes, job_process
+from lungvit.training.jobs import request as request_mod
 from lungvit.training.jobs import runner as jobs
 from lungvit.training.store import JobStatus
 
@@ -45,8 +46,8 @@ def test_the_launcher_starts_the_job_process(tmp_path: Path) -> None:
     proc = jobs.start_job_process(job_id, db_url=url)
     assert proc.wait(timeout=120) == 3
     assert proc.args[:3] == [sys.executable, "-m", "lungvit.cli.job_process"]
-    log = (jobs.job_run_dir(job_id, jobs.JobRequest(train={"data": "d"}), url)
-           / jobs.LOG_NAME).read_text()
+    log = (request_mod.job_run_dir(job_id, jobs.JobRequest(train={"data": "d"}), url)
+           / request_mod.LOG_NAME).read_text()
     assert f"job {job_id}: job {job_id} is cancelled; only a queued or interrupted job" in log
 
 

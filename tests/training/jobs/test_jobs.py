@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from lungvit.training.jobs import execute
+from lungvit.training.jobs import request as request_mod
 from lungvit.training.jobs import runner as jobs
 from lungvit.training.config import TrainConfig
 from lungvit.training.jobs.runner import JobError, JobRequest
@@ -36,25 +38,25 @@ def test_worker_resources_and_local_cpus() -> None:
 def test_job_folders(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'db' / 'lungvit.db'}"
     request = JobRequest(train={"data": "/scans"}, use_gpu=True)
-    assert jobs.job_run_dir(7, request, url) == tmp_path / "db" / "runs" / "job-7"
-    cfg = jobs.train_config(7, request, url)
+    assert request_mod.job_run_dir(7, request, url) == tmp_path / "db" / "runs" / "job-7"
+    cfg = request_mod.train_config(7, request, url)
     assert isinstance(cfg, TrainConfig)
-    assert Path(cfg.out) == tmp_path / "db" / "runs" / "job-7" / jobs.MODEL_NAME
+    assert Path(cfg.out) == tmp_path / "db" / "runs" / "job-7" / request_mod.MODEL_NAME
     assert cfg.accelerator == "gpu"  # precision "auto" then picks a GPU precision
     given = JobRequest(train={"data": "/scans", "run_dir": str(tmp_path / "r"),
                               "out": str(tmp_path / "m.safetensors")})
-    cfg = jobs.train_config(7, given, url)
+    cfg = request_mod.train_config(7, given, url)
     assert (cfg.run_dir, cfg.out, cfg.accelerator) == (str(tmp_path / "r"),
                                                        str(tmp_path / "m.safetensors"), "cpu")
 
 
 def test_expected_steps() -> None:
     cfg = TrainConfig(data="d", out="o", epochs=3, batch_size=8)
-    assert jobs._expected_steps(cfg, n_train=50, workers=2) == 12  # ceil(25 / 8) = 4 an epoch
+    assert execute._expected_steps(cfg, n_train=50, workers=2) == 12  # ceil(25 / 8) = 4 an epoch
     cfg.global_batch = 32  # 2 batches of 8 on each of 2 workers per step
-    assert jobs._expected_steps(cfg, n_train=50, workers=2) == 6
+    assert execute._expected_steps(cfg, n_train=50, workers=2) == 6
     cfg.max_steps = 5
-    assert jobs._expected_steps(cfg, n_train=50, workers=2) == 5
+    assert execute._expected_steps(cfg, n_train=50, workers=2) == 5
 
 
 def test_create_job_validates_before_queueing(tmp_path: Path) -> None:
@@ -173,7 +175,7 @@ def test_watcher_beats_reports_progress_and_obeys_cancel(tmp_path: Path) -> None
         first_beat = store.get_job(job_id).heartbeat_at
         seen: list[tuple[int, int | None, dict[str, float]]] = []
         abort = _Aborts()
-        watcher = jobs._Watcher(store, job_id, 0.3, abort,
+        watcher = execute._Watcher(store, job_id, 0.3, abort,
                                 lambda *a: seen.append(a), total_steps=12)
         watcher.POLL_S = 0.1
         watcher.start()
@@ -196,7 +198,7 @@ def test_watcher_stops_a_job_declared_dead_elsewhere(tmp_path: Path) -> None:
         store.start_attempt(job_id, resolved_config={})
         store.set_status(job_id, "interrupted")  # the app thought the process was dead
         abort = _Aborts()
-        watcher = jobs._Watcher(store, job_id, 0.1, abort, None, None)
+        watcher = execute._Watcher(store, job_id, 0.1, abort, None, None)
         watcher.POLL_S = 0.05
         watcher.start()
         time.sleep(0.8)
@@ -212,7 +214,7 @@ def test_watcher_stops_a_job_resumed_by_another_process(tmp_path: Path) -> None:
         store.set_status(job_id, "interrupted")
         store.start_attempt(job_id, resolved_config={}, pid=1, hostname="elsewhere")
         abort = _Aborts()
-        watcher = jobs._Watcher(store, job_id, 0.1, abort, None, None)
+        watcher = execute._Watcher(store, job_id, 0.1, abort, None, None)
         watcher.POLL_S = 0.05
         watcher.start()
         time.sleep(0.8)
@@ -235,12 +237,12 @@ def test_a_job_claimed_by_another_process_is_left_to_it(tmp_path: Path,
         store.start_attempt(job_id, resolved_config={}, pid=1, hostname="elsewhere")
         return store.start_attempt(job_id, resolved_config={}, expect_attempt=seen_attempt)
 
-    monkeypatch.setattr(jobs, "_run", claim_too_late)
+    monkeypatch.setattr(execute, "_run", claim_too_late)
     with pytest.raises(JobError, match="another process claimed it"):
         jobs.run_job(job_id, db_url=url)
     with open_store(url) as store:
         job = store.get_job(job_id)
-        jobs._fail(store, job_id, RuntimeError("a late error of this process"))
+        execute._fail(store, job_id, RuntimeError("a late error of this process"))
         assert store.get_job(job_id) == job  # not this process's to fail either
     assert (job.status, job.attempt, job.pid, job.error_text) == (
         JobStatus.RUNNING, 1, 1, None)
