@@ -124,7 +124,10 @@ def start_finetune(ctx: AppContext, folder: str | None, archive: Any, epochs: fl
         train["variant"] = base_model.split(" ")[0]
         if current is not None:
             train["compare_to"] = str(current)
-    request = {"train": train, "workers": max(1, int(workers)), "use_gpu": bool(use_gpu)}
+    # One worker without a named Ray cluster trains in the job process (Ray Train's local
+    # mode): its first step comes seconds after the button instead of after a cluster start.
+    request = {"train": train, "workers": max(1, int(workers)), "use_gpu": bool(use_gpu),
+               "runtime": "auto"}
     job_id = launch_job(request, db_url=ctx.paths.db_url, name=f"fine-tune {root.name}")
     return job_id, f"Job {job_id} queued; its process is starting."
 

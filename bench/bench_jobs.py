@@ -1,11 +1,15 @@
 """How soon a fine-tune job trains after the button, and how soon Cancel stops it.
 
-    .venv/bin/python bench/bench_jobs.py [--runs 3] [--cancel-after-steps 3] [--out FILE]
+    .venv/bin/python bench/bench_jobs.py [--runs 3] [--runtime in-process cluster]
+                                         [--cancel-after-steps 3] [--out FILE]
 
 Each run goes through the app's own path: ``launch_job`` (what the Fine-tune button
 calls) queues a job in a fresh SQLite store and starts its detached process, which
 prepares the data, starts (or joins) Ray and trains ``lungvit_tiny`` from scratch on
-synthetic phantoms (3 classes x 8, 64 px; ``lungvit demo-data``). The store is polled every
+synthetic phantoms (3 classes x 8, 64 px; ``lungvit demo-data``). Each ``--runtime`` is
+measured ``--runs`` times, interleaved (run 1 of each, then run 2, ...): ``in-process``
+(Ray Train's local mode in the job process; what the app's one-worker Fine-tune uses) and
+``cluster`` (one Ray Train worker on a local Ray cluster the job starts). The store is polled every
 20 ms from this process, as the app's status does (the app polls every 1 s). Reported,
 median of ``--runs`` (the first run also pays the OS's cold file cache):
 
@@ -64,7 +68,7 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def one_run(data: Path, tmp: Path, cancel_after: int) -> dict[str, float]:
+def one_run(data: Path, tmp: Path, cancel_after: int, runtime: str) -> dict[str, float]:
     """One job from the button to cancelled; seconds per milestone."""
     from lungvit.training.jobs.runner import cancel_job, launch_job
     from lungvit.training.store import open_store
@@ -72,7 +76,7 @@ def one_run(data: Path, tmp: Path, cancel_after: int) -> dict[str, float]:
     url = f"sqlite:///{tmp / 'jobs.db'}"
     request = {"train": {"data": str(data), "variant": "lungvit_tiny", "input_size": 64,
                          "epochs": 200, "batch_size": 8, "augment": False},
-               "workers": 1, "metrics_every_n_steps": 1}
+               "workers": 1, "metrics_every_n_steps": 1, "runtime": runtime}
     t0 = time.monotonic()
     job_id = launch_job(request, db_url=url, name="bench")
     out: dict[str, float] = {"launch returned": time.monotonic() - t0}
@@ -121,37 +125,53 @@ def one_run(data: Path, tmp: Path, cancel_after: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runtime", nargs="+", default=["in-process", "cluster"],
+                        choices=["in-process", "cluster"])
     parser.add_argument("--cancel-after-steps", type=int, default=3)
     parser.add_argument("--out", help="also write the results (Markdown) here")
     args = parser.parse_args()
     from lungvit.cli.main import main as cli
 
+    runs: dict[str, list[dict[str, float]]] = {r: [] for r in args.runtime}
+    loads = []
     with tempfile.TemporaryDirectory(prefix="lungvit-bench-jobs-") as tmp_name:
         tmp = Path(tmp_name)
         data = tmp / "data"
         if cli(["demo-data", str(data), "--per-class", "8", "--size", "64", "--classes",
                 "lung-normal", "lung-covid", "lung-oct-cnv"]) != 0:
             sys.exit("demo-data failed")
-        runs = []
         for i in range(args.runs):
-            run_tmp = tmp / f"run{i}"
-            run_tmp.mkdir()
-            load = os.getloadavg()[0]
-            runs.append(one_run(data, run_tmp, args.cancel_after_steps))
-            print(f"run {i + 1}: load {load:.1f} before; " + ", ".join(
-                f"{k} {v:.2f} s" for k, v in runs[-1].items()), flush=True)
+            for runtime in args.runtime:
+                run_tmp = tmp / f"{runtime}-{i}"
+                run_tmp.mkdir()
+                load = os.getloadavg()[0]
+                loads.append(load)
+                runs[runtime].append(one_run(data, run_tmp, args.cancel_after_steps, runtime))
+                print(f"{runtime} run {i + 1}: load {load:.1f} before; " + ", ".join(
+                    f"{k} {v:.2f} s" for k, v in runs[runtime][-1].items()), flush=True)
     lines = [f"Command: `python bench/bench_jobs.py {' '.join(sys.argv[1:])}`  ",
-             f"{platform.node()}: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f} after, "
-             f"median of {len(runs)} runs", "",
-             "| seconds after the button | median | runs |", "|---|---|---|"]
-    for key in runs[0]:
-        values = [r[key] for r in runs if key in r]
-        lines.append(f"| {key} | {statistics.median(values):.2f} | "
-                     f"{', '.join(f'{v:.2f}' for v in values)} |")
+             f"{platform.node()}: {os.cpu_count()} CPUs, load {min(loads):.1f}-{max(loads):.1f} "
+             f"before the runs, {os.getloadavg()[0]:.1f} after; median of {args.runs} runs per "
+             "runtime, interleaved", ""]
+    for runtime, results in runs.items():
+        lines += [f"**{runtime}**", "", "| seconds after the button | median | runs |",
+                  "|---|---|---|"]
+        for key in results[0]:
+            values = [r[key] for r in results if key in r]
+            lines.append(f"| {key} | {statistics.median(values):.2f} | "
+                         f"{', '.join(f'{v:.2f}' for v in values)} |")
+        lines.append("")
+    if len(runs) == 2:
+        (a, ra), (b, rb) = runs.items()
+        for key in ("first step", "cancel -> cancelled"):
+            ma = statistics.median(r[key] for r in ra)
+            mb = statistics.median(r[key] for r in rb)
+            lines.append(f"{key}: {a} / {b} = {ma:.2f} / {mb:.2f} s = {ma / mb:.2f}x  ")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     if args.out:
         Path(args.out).write_text("# Fine-tune jobs: first step and Cancel\n\n" + text)
+
 
 if __name__ == "__main__":
     main()

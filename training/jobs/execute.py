@@ -9,6 +9,7 @@ interrupted. Torch, Lightning and Ray are imported when a job runs.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -30,6 +31,8 @@ from lungvit.training.store import AttemptConflictError, JobRecord, JobStatus, S
 from lungvit.training.store.resumable import latest_resumable
 
 log = logging.getLogger(__name__)
+
+IN_PROCESS = "in-process"  # the Ray address recorded for a job run in Ray Train's local mode
 
 # Progress callback: (optimizer steps done, expected total or None, latest metric values).
 ProgressFn = Callable[[int, "int | None", dict[str, float]], None]
@@ -210,14 +213,19 @@ def _run(store: Store, job_id: int, request: JobRequest, url: str, heartbeat_s: 
         launch_id=uuid.uuid4().hex, metrics_every_n_steps=request.metrics_every_n_steps,
         mlflow_uri=request.mlflow_uri, resume_from=latest_resumable(store, job_id),
         worker_hooks=request.worker_hooks, worker_hooks_args=request.worker_hooks_args,
-        owner_pid=os.getpid(), owner_host=socket.gethostname())
-    opts = ray_cluster.ClusterOptions(address=request.ray_address,
-                                       num_cpus=None if request.ray_address
-                                       else request.local_cpus(), log_to_driver=worker_logs)
+        owner_pid=os.getpid(), owner_host=socket.gethostname(),
+        in_process=request.in_process())
+    if spec.in_process:  # Ray Train's local mode: no cluster to start or join
+        runtime = contextlib.nullcontext(ray_cluster.Cluster(address=IN_PROCESS, local=True))
+    else:
+        runtime = ray_cluster.connect(ray_cluster.ClusterOptions(
+            address=request.ray_address, log_to_driver=worker_logs,
+            num_cpus=None if request.ray_address else request.local_cpus()))
     error: str | None = None
-    with ray_cluster.connect(opts) as cluster:
+    with runtime as cluster:
         hardware = {"workers": request.workers, "resources_per_worker": spec.resources_per_worker,
-                    "cluster": cluster.resources, "local_cluster": cluster.local}
+                    "cluster": cluster.resources, "local_cluster": cluster.local,
+                    "in_process": spec.in_process}
         attempt = store.start_attempt(job_id, resolved_config=resolved, hardware=hardware,
                                       ray_address=cluster.address, run_dir=cfg.run_dir,
                                       dataset_fingerprint=dm.fingerprint,

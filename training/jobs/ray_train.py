@@ -5,9 +5,18 @@ every worker calls ``fit`` with Ray's DDP strategy and environment plugin, repor
 resumable checkpoint to Ray after each validation (Ray keeps the best ``keep_best_k`` by
 validation loss), and rank 0 writes metrics and checkpoints to the tracking store. The
 cluster it runs on comes from :func:`lungvit.training.jobs.ray_cluster.connect`.
+
+A one-worker job may instead run in the job process itself, in Ray Train's local mode
+(``ScalingConfig(num_workers=0)``, ``TrainSpec.in_process``): no cluster, no actors, the
+same ``ray.train`` calls. Ray keeps no checkpoints in that mode, so the worker writes them
+to the same folders Ray would (keeping the best ``keep_best_k``), and :func:`train` itself
+restarts a failed training up to ``max_failures`` times from the latest one, as Ray restarts
+its workers.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import signal
@@ -21,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
 from ray.train import (Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
@@ -41,6 +51,7 @@ from lungvit.training.jobs.store_callback import StoreCallback
 CHECKPOINT_FILE = "checkpoint.ckpt"  # the Lightning checkpoint inside a Ray checkpoint folder
 CHECKPOINT_PREFIX = "checkpoint_step"  # + the optimizer step: the folder Ray copies it to
 SCORE_ATTRIBUTE = "val_loss"
+LOCAL_SCORE_FILE = "score.json"  # in-process runs: a checkpoint's validation loss, for pruning
 
 
 class RayTrainingError(LungViTError):
@@ -82,6 +93,8 @@ class TrainSpec:
         worker_hooks_args: that module's settings (``spec.worker_hooks_args``).
         owner_pid, owner_host: the job process that runs this (a restart of the workers
             counts as a new attempt only while the job is still that process's).
+        in_process: train in this process with Ray Train's local mode (``workers`` must
+            be 1; no cluster needs to be connected).
     """
 
     train_config: dict[str, Any]
@@ -102,6 +115,7 @@ class TrainSpec:
     resume_from: str | None = None
     worker_hooks: str | None = None
     worker_hooks_args: dict[str, Any] | None = None
+    in_process: bool = False
 
     def __post_init__(self) -> None:
         # pid 0 would make os.kill signal the whole process group (a hook that kills the
@@ -109,6 +123,8 @@ class TrainSpec:
         if self.owner_pid <= 0 or not self.owner_host:
             raise ValueError(f"TrainSpec needs the job process's pid and host, got "
                              f"{self.owner_pid!r} on {self.owner_host!r}")
+        if self.in_process and self.workers != 1:
+            raise ValueError(f"an in-process run has one worker, not {self.workers}")
         if self.worker_hooks is not None and not worker_hooks.is_module_name(
                 self.worker_hooks):
             raise ValueError(f"worker_hooks must be a dotted module name, not "
@@ -140,6 +156,9 @@ def train(spec: TrainSpec) -> None:
         RayTrainingError: the run failed (its message holds the workers' error).
         SystemExit, KeyboardInterrupt: the run was aborted (:func:`abort_training`).
     """
+    if spec.in_process:
+        _train_in_process(spec)
+        return
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"spec": spec},
@@ -166,6 +185,43 @@ def train(spec: TrainSpec) -> None:
             signal.signal(signal.SIGINT, previous)
 
 
+def _train_in_process(spec: TrainSpec) -> None:
+    """Ray Train's local mode: the training function runs here, in the main thread.
+
+    SIGINT (:func:`abort_training`) interrupts it: Lightning stops gracefully and raises
+    ``SystemExit``. A failure is recorded and the training starts again from the latest
+    checkpoint, ``spec.max_failures`` times at most.
+    """
+    trainer = TorchTrainer(_train_worker, train_loop_config={"spec": spec},
+                           scaling_config=ScalingConfig(num_workers=0),
+                           run_config=RunConfig(name=spec.name, storage_path=spec.storage_path))
+    previous = signal.getsignal(signal.SIGINT)
+    failures = 0
+    try:
+        while True:
+            try:
+                trainer.fit()
+                return
+            except (SystemExit, KeyboardInterrupt):
+                raise
+            except Exception as exc:
+                _record_worker_failure(spec.db_url, spec.job_id, 0, exc)
+                if failures >= spec.max_failures:
+                    raise RayTrainingError(_describe_failure(exc)) from exc
+                failures += 1
+    finally:
+        # Lightning ignores SIGINT while it shuts down after one; give the job its own back.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
+
+
+def _record_worker_failure(db_url: str, job_id: int, rank: int, exc: BaseException) -> None:
+    first = (str(exc).strip().splitlines() or [""])[0][:500]
+    with open_store(db_url) as store:
+        store.add_event(job_id, f"worker rank {rank} failed: {type(exc).__name__}: {first}",
+                        "error")
+
+
 def _describe_failure(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}".strip()
     return text if len(text) < 20000 else text[:20000] + "\n[...]"
@@ -176,10 +232,14 @@ def _train_worker(config: dict[str, Any]) -> None:
     spec: TrainSpec = config["spec"]
     rank = ray.train.get_context().get_world_rank()
     cfg = TrainConfig.from_dict(dict(spec.train_config))
+    where = (f"in the job process (Ray Train local mode, {socket.gethostname()}, "
+             f"pid {os.getpid()})" if spec.in_process else
+             f"on node {ray.get_runtime_context().get_node_id()} "
+             f"({ray.util.get_node_ip_address()}, pid {os.getpid()})")
     with open_store(spec.db_url) as store:  # where each rank runs, for `lungvit runs show`
-        store.add_event(spec.job_id, f"worker rank {rank} on node "
-                                     f"{ray.get_runtime_context().get_node_id()} "
-                                     f"({ray.util.get_node_ip_address()}, pid {os.getpid()})")
+        store.add_event(spec.job_id, f"worker rank {rank} {where}")
+    if spec.in_process:  # as a Ray worker gets OMP_NUM_THREADS from its CPU reservation
+        torch.set_num_threads(max(1, int((spec.resources_per_worker or {}).get("CPU", 1))))
     store_cb = StoreCallback(spec.db_url, spec.job_id,
                              every_n_steps=spec.metrics_every_n_steps) if rank == 0 else None
     if store_cb is not None and _is_restart(Path(cfg.run_dir), spec.launch_id):
@@ -193,7 +253,8 @@ def _train_worker(config: dict[str, Any]) -> None:
         callbacks, on_checkpoint = worker_hooks.apply(
             spec.worker_hooks, rank=rank, spec=spec, callbacks=callbacks,
             on_checkpoint=on_checkpoint)
-    callbacks.append(ReportToRay(on_checkpoint))
+    callbacks.append(ReportToRay(on_checkpoint, local_dir=Path(spec.storage_path) / spec.name
+                                 if spec.in_process else None, keep_best_k=spec.keep_best_k))
     extra = {"logger": _loggers(cfg, spec)} if spec.mlflow_uri else {}
 
     with _resume_point(spec) as resume_from:
@@ -201,8 +262,10 @@ def _train_worker(config: dict[str, Any]) -> None:
             cfg.resume_from = resume_from
             if store_cb is not None:
                 store_cb.event(f"continuing from checkpoint {Path(resume_from).parent.name}")
-        result = fit(cfg, callbacks=callbacks, progress=False, strategy=RayDDPStrategy(),
-                     plugins=[RayLightningEnvironment()], extra_trainer_kwargs=extra)
+        ray_parts = {} if spec.in_process else {
+            "strategy": RayDDPStrategy(), "plugins": [RayLightningEnvironment()]}
+        result = fit(cfg, callbacks=callbacks, progress=False, extra_trainer_kwargs=extra,
+                     **ray_parts)
     if store_cb is not None:
         store_cb.record_result(result)
 
@@ -272,14 +335,21 @@ class ReportToRay(Callback):
 
     Args:
         on_checkpoint: called on rank 0 with (step, persisted checkpoint path, val loss).
+        local_dir: Ray Train's local mode (which keeps no checkpoints): write each
+            checkpoint to ``<local_dir>/checkpoint_step<N>/`` here, keeping the newest and
+            the ``keep_best_k`` best by validation loss, and report only the metrics to Ray.
+        keep_best_k: see ``local_dir``.
     """
 
-    def __init__(self, on_checkpoint: Callable[[int, str, float | None], None] | None) -> None:
+    def __init__(self, on_checkpoint: Callable[[int, str, float | None], None] | None,
+                 local_dir: Path | None = None, keep_best_k: int = 3) -> None:
         self.on_checkpoint = on_checkpoint
+        self.local_dir, self.keep_best_k = local_dir, max(1, keep_best_k)
         self._pending_step: int | None = None  # an epoch-end validation not reported yet
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        prepare_trainer(trainer)  # checks the strategy and environment are Ray's
+        if self.local_dir is None:
+            prepare_trainer(trainer)  # checks the strategy and environment are Ray's
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if trainer.sanity_checking:
@@ -300,17 +370,53 @@ class ReportToRay(Callback):
         val_loss = float(loss) if loss is not None else float("nan")
         metrics = {SCORE_ATTRIBUTE: val_loss, "step": step, "epoch": int(trainer.current_epoch)}
         name = checkpoint_dir_name(step)
-        tmp = Path(tempfile.mkdtemp(prefix="lungvit-ray-ckpt-"))
-        try:
-            trainer.save_checkpoint(tmp / CHECKPOINT_FILE)  # a collective; rank 0 writes
-            checkpoint = Checkpoint.from_directory(str(tmp)) if trainer.is_global_zero else None
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if trainer.is_global_zero and self.on_checkpoint is not None:
+        if self.local_dir is not None:
+            path = self._keep_locally(trainer, name, val_loss)
+            ray.train.report(metrics)
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix="lungvit-ray-ckpt-"))
+            try:
+                trainer.save_checkpoint(tmp / CHECKPOINT_FILE)  # a collective; rank 0 writes
+                checkpoint = (Checkpoint.from_directory(str(tmp)) if trainer.is_global_zero
+                              else None)
+                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
             storage = ray.train.get_context().get_storage()
             path = Path(storage.build_checkpoint_path_from_name(name)) / CHECKPOINT_FILE
+        if trainer.is_global_zero and self.on_checkpoint is not None:
             self.on_checkpoint(step, str(path), val_loss)
+
+    def _keep_locally(self, trainer: Any, name: str, val_loss: float) -> Path:
+        """Write the checkpoint to ``local_dir/name`` (whole or not at all); prune."""
+        assert self.local_dir is not None
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.local_dir))
+        try:
+            trainer.save_checkpoint(tmp / CHECKPOINT_FILE)
+            (tmp / LOCAL_SCORE_FILE).write_text(json.dumps({SCORE_ATTRIBUTE: val_loss}))
+            final = self.local_dir / name
+            if final.exists():  # the same step reported again after a restart
+                shutil.rmtree(final)
+            tmp.rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._prune(keep=final)
+        return final / CHECKPOINT_FILE
+
+    def _prune(self, keep: Path) -> None:
+        """Delete checkpoints other than ``keep`` (the newest) and the best k by loss."""
+        scored = []
+        for folder in self.local_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+            try:
+                loss = float(json.loads((folder / LOCAL_SCORE_FILE).read_text())[SCORE_ATTRIBUTE])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # not one of ours: leave it alone
+            scored.append((math.inf if math.isnan(loss) else loss, folder))
+        best = {folder for _, folder in sorted(scored, key=lambda x: x[0])[:self.keep_best_k]}
+        for _, folder in scored:
+            if folder != keep and folder not in best:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 class WorkerFailureEvents(UserCallback):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePath
@@ -27,6 +28,11 @@ LOG_NAME = "job.log"
 # The job process's module (it calls run_job); named, not imported: training imports no cli.
 JOB_PROCESS = "lungvit.cli.job_process"
 MODEL_NAME = "model.safetensors"
+# How a job runs its Ray Train training: "cluster", one or more Ray Train workers on a Ray
+# cluster; "in-process", Ray Train's local mode (one worker, the job process itself, no
+# cluster: starts in seconds); "auto", in-process for one worker when no Ray cluster is
+# named (``ray_address`` or ``RAY_ADDRESS``), else cluster.
+RUNTIMES = ("cluster", "in-process", "auto")
 
 
 class JobError(LungViTError):
@@ -54,6 +60,7 @@ class JobRequest:
             and its workers) whose ``install`` each Ray Train worker calls before it trains;
             see :mod:`lungvit.training.jobs.worker_hooks`.
         worker_hooks_args: that module's settings (JSON).
+        runtime: ``"cluster"``, ``"in-process"`` or ``"auto"`` (see ``RUNTIMES``).
     """
 
     train: dict[str, Any]
@@ -69,6 +76,7 @@ class JobRequest:
     mlflow_uri: str | None = None
     worker_hooks: str | None = None
     worker_hooks_args: dict[str, Any] | None = None
+    runtime: str = "cluster"
 
     def __post_init__(self) -> None:
         # Paths become strings: the request is stored as JSON.
@@ -95,6 +103,11 @@ class JobRequest:
         if self.worker_hooks is not None and not is_module_name(self.worker_hooks):
             problems.append(f"worker_hooks must be a dotted module name such as pkg.module, "
                             f"not {self.worker_hooks!r}")
+        if self.runtime not in RUNTIMES:
+            problems.append(f"runtime must be one of {', '.join(RUNTIMES)}, not {self.runtime!r}")
+        elif self.runtime == "in-process" and (self.workers != 1 or self.ray_address):
+            problems.append("runtime in-process runs one worker in the job process: it takes "
+                            "workers=1 and no ray_address")
         if problems:
             raise JobError("invalid job request: " + "; ".join(problems))
         return self
@@ -116,6 +129,12 @@ class JobRequest:
         if unknown:
             raise JobError(f"unknown job request keys: {', '.join(unknown)}")
         return cls(**data)
+
+    def in_process(self, environ: Mapping[str, str] = os.environ) -> bool:
+        """Whether the job trains in its own process (Ray Train's local mode)."""
+        if self.runtime == "auto":
+            return self.workers == 1 and not (self.ray_address or environ.get("RAY_ADDRESS"))
+        return self.runtime == "in-process"
 
     def worker_resources(self) -> dict[str, float]:
         resources = {"CPU": float(self.cpus_per_worker), **self.resources_per_worker}

@@ -18,7 +18,10 @@ them (``tests/test_store_writes.py`` checks it) and read it directly.
 The request and the job's folders are :mod:`lungvit.training.jobs.request`; running a job
 in a process (data, Ray, heartbeat, outcome) is :mod:`lungvit.training.jobs.execute`. A
 worker that dies is restarted by Ray (``max_failures`` times) from the latest checkpoint;
-the store counts that restart as the job's next attempt. Torch, Lightning and Ray are
+the store counts that restart as the job's next attempt. A one-worker job may run in the
+job process itself, in Ray Train's local mode (``runtime="in-process"``, or ``"auto"`` as the
+app asks): no cluster to start, so it trains seconds after the button; a training error
+there is retried the same way. Torch, Lightning and Ray are
 imported when a job runs, not when this module is imported: the app imports it to launch
 and recover jobs, which needs neither.
 """

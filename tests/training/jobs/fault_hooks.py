@@ -5,7 +5,9 @@ A job request opts in with ``"worker_hooks": "fault_hooks"`` and, in ``worker_ho
 
 - ``{"rank": r, "step": s}``: worker ``r`` exits hard at optimizer step ``s``, once;
 - ``{"kill_job_at_checkpoint": s}``: once checkpoint ``s`` is in the store, rank 0 SIGKILLs
-  the job process (``spec.owner_pid``), then itself, once.
+  the job process (``spec.owner_pid``), then itself, once;
+- ``{"raise_at_step": s}``: the training raises ``RuntimeError`` at optimizer step ``s``,
+  once (an error in the training code rather than a dead process).
 
 "Once" is kept by a marker file in the run folder, so a restart or a resume runs clean.
 The job process and its Ray workers import this file as the top-level module
@@ -46,6 +48,9 @@ def install(*, rank: int, spec: Any, callbacks: list[Any], on_checkpoint: OnChec
     kill_at = fault.pop("kill_job_at_checkpoint", None)
     if on_checkpoint is not None and kill_at is not None:
         on_checkpoint = kill_job_after(on_checkpoint, kill_at, spec.owner_pid, marker)
+    raise_at = fault.pop("raise_at_step", None)
+    if raise_at is not None:
+        callbacks = [*callbacks, RaiseOnce(raise_at, marker)]
     if fault:
         callbacks = [*callbacks, FailOnce(rank, **fault, marker=marker)]
     return callbacks, on_checkpoint
@@ -77,6 +82,18 @@ class FailOnce(Callback):
         sys.stderr.write(f"fault injection: exiting at step {trainer.global_step}\n")
         sys.stderr.flush()
         os._exit(1)
+
+
+class RaiseOnce(Callback):
+    """The training raises ``RuntimeError`` at optimizer step ``step``, the first time only."""
+
+    def __init__(self, step: int, marker: Path) -> None:
+        self.step, self.marker = step, marker
+
+    def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+        if trainer.global_step >= self.step and not self.marker.exists():
+            self.marker.write_text(f"raised at step {trainer.global_step}\n")
+            raise RuntimeError(f"fault injection: raised at step {trainer.global_step}")
 
 
 def kill_job_after(record: OnCheckpoint, step: int, pid: int, marker: Path) -> OnCheckpoint:
