@@ -46,7 +46,10 @@ def build_finetune_tab(ctx: AppContext, model_state: gr.State,
             batch = gr.Number(32, label="Batch size", precision=0, minimum=1)
             lr = gr.Number(3e-4, label="Learning rate", minimum=0)
         with gr.Row():
-            workers = gr.Number(1, label="Ray workers", precision=0, minimum=1)
+            workers = gr.Number(1, label="Ray workers", precision=0, minimum=1,
+                                info="1: trains in the job's own process, first step in "
+                                     "seconds; more (or RAY_ADDRESS set): on a Ray cluster, "
+                                     "about 20 s to start one locally")
             gpu = gr.Checkbox(False, label="Use GPUs (one per worker)")
             base = gr.Dropdown(list(t.BASE_MODELS), value=t.BASE_MODELS[0],
                                label="Start from")

@@ -8,6 +8,8 @@ directly. This is checked statically: no module of ``app/`` or ``cli/`` calls a 
 from __future__ import annotations
 
 import ast
+import inspect
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,16 +19,21 @@ JOB_API = "lungvit.training.jobs.runner"
 
 
 def store_write_methods() -> set[str]:
-    """The methods of ``Store`` that open a write transaction (``self._db.write()``)."""
-    tree = ast.parse((ROOT / "training" / "store" / "repo.py").read_text(encoding="utf-8"))
-    store = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Store")
+    """The methods of ``Store`` (and of its classes in the store package) that open a write
+    transaction (``self._db.write()``)."""
+    from lungvit.training.store import Store
+
     found = set()
-    for fn in store.body:
-        if isinstance(fn, ast.FunctionDef) and any(
-                isinstance(n, ast.Attribute) and n.attr == "write"
-                and isinstance(n.value, ast.Attribute) and n.value.attr == "_db"
-                for n in ast.walk(fn)):
-            found.add(fn.name)
+    for cls in Store.__mro__:
+        if not cls.__module__.startswith("lungvit.training.store"):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+        for fn in tree.body[0].body:
+            if isinstance(fn, ast.FunctionDef) and any(
+                    isinstance(n, ast.Attribute) and n.attr == "write"
+                    and isinstance(n.value, ast.Attribute) and n.value.attr == "_db"
+                    for n in ast.walk(fn)):
+                found.add(fn.name)
     return found
 
 

@@ -251,7 +251,7 @@ def test_metric_upsert_keeps_one_row_with_the_last_value(store: Store, db_url: s
 def test_metric_upsert_without_a_native_upsert(store: Store, db_url: str,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The portable path other backends take (select, then update or insert) agrees."""
-    monkeypatch.setattr("lungvit.training.store.repo._NATIVE_UPSERT", {})
+    monkeypatch.setattr("lungvit.training.store.base._NATIVE_UPSERT", {})
     job_id = _running(store)
     store.record_metrics(job_id, 0, {"loss": 0.9, "acc": 0.1})
     store.record_metrics(job_id, 0, {"loss": 0.8})
