@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from pathlib import Path
 
@@ -188,3 +189,35 @@ def test_an_in_process_spec_has_one_worker() -> None:
     with pytest.raises(ValueError, match="one worker"):
         TrainSpec(train_config={}, job_id=1, db_url="sqlite://", owner_pid=1,
                   owner_host="h", workers=2, in_process=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_killed_in_process_job_is_recovered_and_resumed_in_process(
+        db_url: str, png_data: Path, cache_dir: Path, sessions: list[int]) -> None:
+    epochs = 3
+    # The job process (which is also the worker here) is SIGKILLed right after the first
+    # checkpoint is stored; the app's recovery marks it interrupted and a resume continues.
+    job_id, proc = start(in_process(png_data, cache_dir, epochs=epochs,
+                                    worker_hooks=fault_hooks.MODULE,
+                                    worker_hooks_args={"kill_job_at_checkpoint":
+                                                       STEPS_PER_EPOCH}),
+                         db_url, sessions)
+    assert proc.wait(timeout=600) == -signal.SIGKILL
+    with open_store(db_url) as store:
+        assert store.get_job(job_id).status is JobStatus.RUNNING  # nobody noticed yet
+        time.sleep(2.5)
+        assert jobs.recover_interrupted(db_url, stale_after_s=2.0) == [job_id]
+        resumed = jobs.resume_job(job_id, db_url=db_url, heartbeat_s=HEARTBEAT_S)
+        sessions.append(resumed.pid)
+        assert resumed.wait(timeout=600) == 0
+        job = store.get_job(job_id)
+        messages = [e.message for e in store.events(job_id)]
+        series = store.metrics(job_id)
+    assert (job.status, job.attempt) == (JobStatus.SUCCEEDED, 2), job.error_text
+    assert job.hardware["in_process"] is True and job.ray_address == IN_PROCESS
+    assert f"continuing from checkpoint {checkpoint_dir_name(STEPS_PER_EPOCH)}" in messages
+    steps = epochs * STEPS_PER_EPOCH
+    got = {(s, name) for name, points in series.items() for s, _ in points}
+    assert got == expected_metric_keys(steps, STEPS_PER_EPOCH)
+    assert session_processes(resumed.pid) == {}
