@@ -49,7 +49,7 @@ def build_finetune_tab(ctx: AppContext, model_state: gr.State,
             workers = gr.Number(1, label="Ray workers", precision=0, minimum=1,
                                 info="1: trains in the job's own process, first step in "
                                      "seconds; more (or RAY_ADDRESS set): on a Ray cluster, "
-                                     "about 20 s to start one locally")
+                                     "over 20 s to start one locally")
             gpu = gr.Checkbox(False, label="Use GPUs (one per worker)")
             base = gr.Dropdown(list(t.BASE_MODELS), value=t.BASE_MODELS[0],
                                label="Start from")
