@@ -2,8 +2,8 @@
 
 :func:`train` runs :func:`lungvit.training.learn.fit.fit` as a Ray Train ``TorchTrainer``:
 every worker calls ``fit`` with Ray's DDP strategy and environment plugin, reports a
-resumable checkpoint to Ray after each validation (Ray keeps the best ``keep_best_k`` by
-validation loss), and rank 0 writes metrics and checkpoints to the tracking store. The
+resumable checkpoint to Ray after each validation (:mod:`.ray_report`; Ray keeps the best
+``keep_best_k`` by validation loss), and rank 0 writes metrics and checkpoints to the tracking store. The
 cluster it runs on comes from :func:`lungvit.training.jobs.ray_cluster.connect`.
 
 A one-worker job may instead run in the job process itself, in Ray Train's local mode
@@ -15,15 +15,11 @@ its workers.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
-import shutil
 import signal
 import socket
-import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +27,9 @@ from typing import Any
 
 import ray
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
-from ray.train import (Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig,
-                       UserCallback)
-from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.torch.config import _TorchBackend
 
@@ -44,14 +38,11 @@ from lungvit.training.config import TrainConfig
 from lungvit.training.learn.fit import fit
 from lungvit.training.jobs import worker_hooks
 from lungvit.training.jobs.loopback_pg import install as install_loopback_rendezvous
+from lungvit.training.jobs.ray_report import (CHECKPOINT_FILE, SCORE_ATTRIBUTE, ReportToRay,
+                                              step_of)
 from lungvit.training.store import open_store
 from lungvit.training.store.resumable import latest_resumable
 from lungvit.training.jobs.store_callback import StoreCallback
-
-CHECKPOINT_FILE = "checkpoint.ckpt"  # the Lightning checkpoint inside a Ray checkpoint folder
-CHECKPOINT_PREFIX = "checkpoint_step"  # + the optimizer step: the folder Ray copies it to
-SCORE_ATTRIBUTE = "val_loss"
-LOCAL_SCORE_FILE = "score.json"  # in-process runs: a checkpoint's validation loss, for pruning
 
 
 class RayTrainingError(LungViTError):
@@ -279,12 +270,12 @@ def _resume_point(spec: TrainSpec) -> Iterator[str | None]:
     checkpoint was saved and recorded but before Ray's controller registered it: Ray would
     hand back the one before, and the steps between would be trained twice."""
     checkpoint = ray.train.get_checkpoint()
-    ray_step = _step_of(Path(checkpoint.path).name) if checkpoint is not None else -1
+    ray_step = step_of(Path(checkpoint.path).name) if checkpoint is not None else -1
     with open_store(spec.db_url) as store:
         stored = latest_resumable(store, spec.job_id)
     given = max((p for p in (spec.resume_from, stored) if p),
-                key=lambda p: _step_of(Path(p).parent.name), default=None)
-    given_step = _step_of(Path(given).parent.name) if given else -1
+                key=lambda p: step_of(Path(p).parent.name), default=None)
+    given_step = step_of(Path(given).parent.name) if given else -1
     if given and given_step > ray_step:
         yield given
     elif checkpoint is not None:
@@ -292,18 +283,6 @@ def _resume_point(spec: TrainSpec) -> Iterator[str | None]:
             yield str(Path(folder) / CHECKPOINT_FILE)
     else:
         yield None
-
-
-def checkpoint_dir_name(step: int) -> str:
-    """The folder of the checkpoint reported at optimizer step ``step``."""
-    return f"{CHECKPOINT_PREFIX}{step:08d}"
-
-
-def _step_of(dir_name: str) -> int:
-    try:
-        return int(dir_name.removeprefix(CHECKPOINT_PREFIX))
-    except ValueError:
-        return -1
 
 
 def _is_restart(run_dir: Path, launch_id: str) -> bool:
@@ -321,102 +300,6 @@ def _loggers(cfg: TrainConfig, spec: TrainSpec) -> list[Any]:
     return [CSVLogger(cfg.run_dir, name="logs", version=""),
             MLFlowLogger(experiment_name="lungvit", run_name=f"job-{spec.job_id}",
                          tracking_uri=spec.mlflow_uri)]
-
-
-class ReportToRay(Callback):
-    """Report each validation's loss and a resumable checkpoint to Ray Train.
-
-    Every rank calls ``ray.train.report`` (it is a barrier); rank 0 hands over the
-    checkpoint, which Ray copies to ``<storage>/<run>/checkpoint_step<N>/``. A validation
-    at the end of an epoch is reported at the epoch's end, once the epoch's metrics are
-    logged (and stored by callbacks placed before this one): Lightning resumes from such a
-    checkpoint at the next epoch without running the epoch-end hooks again, so metrics
-    written after the checkpoint would be lost for good.
-
-    Args:
-        on_checkpoint: called on rank 0 with (step, persisted checkpoint path, val loss).
-        local_dir: Ray Train's local mode (which keeps no checkpoints): write each
-            checkpoint to ``<local_dir>/checkpoint_step<N>/`` here, keeping the newest and
-            the ``keep_best_k`` best by validation loss, and report only the metrics to Ray.
-        keep_best_k: see ``local_dir``.
-    """
-
-    def __init__(self, on_checkpoint: Callable[[int, str, float | None], None] | None,
-                 local_dir: Path | None = None, keep_best_k: int = 3) -> None:
-        self.on_checkpoint = on_checkpoint
-        self.local_dir, self.keep_best_k = local_dir, max(1, keep_best_k)
-        self._pending_step: int | None = None  # an epoch-end validation not reported yet
-
-    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if self.local_dir is None:
-            prepare_trainer(trainer)  # checks the strategy and environment are Ray's
-
-    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.sanity_checking:
-            return
-        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-            self._pending_step = int(trainer.global_step)  # the same on every rank
-        else:
-            self._report(trainer)  # mid-epoch (val_every_n_steps): nothing else to wait for
-
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        pending, self._pending_step = self._pending_step, None
-        if pending is not None and pending == int(trainer.global_step):
-            self._report(trainer)
-
-    def _report(self, trainer: Any) -> None:
-        step = int(trainer.global_step)
-        loss = trainer.callback_metrics.get("val/loss")
-        val_loss = float(loss) if loss is not None else float("nan")
-        metrics = {SCORE_ATTRIBUTE: val_loss, "step": step, "epoch": int(trainer.current_epoch)}
-        name = checkpoint_dir_name(step)
-        if self.local_dir is not None:
-            path = self._keep_locally(trainer, name, val_loss)
-            ray.train.report(metrics)
-        else:
-            tmp = Path(tempfile.mkdtemp(prefix="lungvit-ray-ckpt-"))
-            try:
-                trainer.save_checkpoint(tmp / CHECKPOINT_FILE)  # a collective; rank 0 writes
-                checkpoint = (Checkpoint.from_directory(str(tmp)) if trainer.is_global_zero
-                              else None)
-                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-            storage = ray.train.get_context().get_storage()
-            path = Path(storage.build_checkpoint_path_from_name(name)) / CHECKPOINT_FILE
-        if trainer.is_global_zero and self.on_checkpoint is not None:
-            self.on_checkpoint(step, str(path), val_loss)
-
-    def _keep_locally(self, trainer: Any, name: str, val_loss: float) -> Path:
-        """Write the checkpoint to ``local_dir/name`` (whole or not at all); prune."""
-        assert self.local_dir is not None
-        self.local_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.local_dir))
-        try:
-            trainer.save_checkpoint(tmp / CHECKPOINT_FILE)
-            (tmp / LOCAL_SCORE_FILE).write_text(json.dumps({SCORE_ATTRIBUTE: val_loss}))
-            final = self.local_dir / name
-            if final.exists():  # the same step reported again after a restart
-                shutil.rmtree(final)
-            tmp.rename(final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self._prune(keep=final)
-        return final / CHECKPOINT_FILE
-
-    def _prune(self, keep: Path) -> None:
-        """Delete checkpoints other than ``keep`` (the newest) and the best k by loss."""
-        scored = []
-        for folder in self.local_dir.glob(f"{CHECKPOINT_PREFIX}*"):
-            try:
-                loss = float(json.loads((folder / LOCAL_SCORE_FILE).read_text())[SCORE_ATTRIBUTE])
-            except (OSError, ValueError, KeyError, TypeError):
-                continue  # not one of ours: leave it alone
-            scored.append((math.inf if math.isnan(loss) else loss, folder))
-        best = {folder for _, folder in sorted(scored, key=lambda x: x[0])[:self.keep_best_k]}
-        for _, folder in scored:
-            if folder != keep and folder not in best:
-                shutil.rmtree(folder, ignore_errors=True)
 
 
 class WorkerFailureEvents(UserCallback):

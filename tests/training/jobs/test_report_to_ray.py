@@ -9,11 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from lungvit.training.jobs import ray_train
+from lungvit.training.jobs import ray_report
 @pytest.fixture
 def reported(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     steps: list[int] = []
-    monkeypatch.setattr(ray_train.ReportToRay, "_report",
+    monkeypatch.setattr(ray_report.ReportToRay, "_report",
                         lambda self, trainer: steps.append(trainer.global_step))
     return steps
 
@@ -26,7 +26,7 @@ def _trainer(step: int, *, last_batch: bool, sanity: bool = False) -> SimpleName
 
 
 def test_an_epoch_end_validation_is_reported_at_the_epoch_end(reported: list[int]) -> None:
-    callback = ray_train.ReportToRay(None)
+    callback = ray_report.ReportToRay(None)
     trainer = _trainer(4, last_batch=True)
     callback.on_validation_end(trainer, None)
     assert reported == []  # the epoch's averages are not logged (nor stored) yet
@@ -37,7 +37,7 @@ def test_an_epoch_end_validation_is_reported_at_the_epoch_end(reported: list[int
 
 
 def test_a_mid_epoch_validation_is_reported_at_once(reported: list[int]) -> None:
-    callback = ray_train.ReportToRay(None)
+    callback = ray_report.ReportToRay(None)
     callback.on_validation_end(_trainer(6, last_batch=False), None)
     assert reported == [6]
     callback.on_train_epoch_end(_trainer(8, last_batch=True), None)
@@ -45,7 +45,7 @@ def test_a_mid_epoch_validation_is_reported_at_once(reported: list[int]) -> None
 
 
 def test_the_sanity_check_is_never_reported(reported: list[int]) -> None:
-    callback = ray_train.ReportToRay(None)
+    callback = ray_report.ReportToRay(None)
     callback.on_validation_end(_trainer(0, last_batch=True, sanity=True), None)
     callback.on_train_epoch_end(_trainer(0, last_batch=True), None)
     assert reported == []
