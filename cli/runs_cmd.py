@@ -23,7 +23,7 @@ DB_HELP = ("tracking store: sqlite:///PATH or postgresql+psycopg://USER:PASSWORD
 
 
 JOB_OPTIONS = ("workers", "gpu", "cpus_per_worker", "ray_address", "max_failures", "db",
-               "mlflow", "no_ray")
+               "mlflow", "no_ray", "in_process")
 
 
 def add_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,13 +51,16 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
                    help="also log metrics to this MLflow tracking URI (needs mlflow)")
     g.add_argument("--no-ray", action="store_true", default=None,
                    help="train in this process without Ray, even with RAY_ADDRESS set")
+    g.add_argument("--in-process", action="store_true", default=None,
+                   help="a tracked job with one worker in the job process (Ray Train's local "
+                   "mode): no cluster to start, so it trains within seconds")
 
 
 def take_job_options(args: argparse.Namespace) -> argparse.Namespace | None:
     """Remove the job options from ``args``; return them if the command should run on Ray.
 
-    Training runs on Ray with ``--workers`` or ``--ray-address`` (or ``RAY_ADDRESS`` set),
-    unless ``--no-ray``; the other job options then apply.
+    Training runs on Ray with ``--workers``, ``--ray-address`` or ``--in-process`` (or
+    ``RAY_ADDRESS`` set), unless ``--no-ray``; the other job options then apply.
 
     Raises:
         SystemExit: job options given with ``--no-ray`` or without a reason to use Ray
@@ -70,7 +73,7 @@ def take_job_options(args: argparse.Namespace) -> argparse.Namespace | None:
     for k in JOB_OPTIONS:
         if hasattr(args, k):
             delattr(args, k)
-    on_ray = not opts.no_ray and bool(opts.workers or opts.ray_address
+    on_ray = not opts.no_ray and bool(opts.workers or opts.ray_address or opts.in_process
                                       or os.environ.get("RAY_ADDRESS"))
     if not on_ray:
         given = [f"--{k.replace('_', '-')}" for k in JOB_OPTIONS

@@ -186,6 +186,8 @@ def request_from_cli(cfg: TrainConfig, opts: argparse.Namespace) -> JobRequest:
     request = JobRequest(train=cfg.to_dict(), workers=opts.workers or 1,
                          use_gpu=bool(opts.gpu), ray_address=opts.ray_address,
                          mlflow_uri=opts.mlflow)
+    if getattr(opts, "in_process", None):
+        request.runtime = "in-process"
     if opts.max_failures is not None:
         request.max_failures = opts.max_failures
     if opts.cpus_per_worker is not None:

@@ -10,6 +10,7 @@ import pytest
 
 from lungvit.cli.main import build_parser, main
 from lungvit.training.config import TrainConfig
+from lungvit.training.jobs.request import JobError
 from lungvit.training.jobs.runner import request_from_cli
 from lungvit.cli.runs_cmd import take_job_options
 from lungvit.training.store import JobStatus, open_store
@@ -123,7 +124,15 @@ def test_train_job_options(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert take_job_options(_train_args()).workers is None  # runs on that cluster
     monkeypatch.delenv("RAY_ADDRESS")
-    for contradiction in (("--max-failures", "2"), ("--workers", "2", "--no-ray")):
+    in_process = take_job_options(_train_args("--in-process"))
+    assert in_process.in_process and in_process.workers is None
+    request = request_from_cli(TrainConfig(data="/scans", out="/m.safetensors"), in_process)
+    assert (request.runtime, request.workers) == ("in-process", 1)
+    with pytest.raises(JobError, match="workers=1 and no ray_address"):
+        request_from_cli(TrainConfig(data="/scans", out="/m.safetensors"),
+                         take_job_options(_train_args("--in-process", "--workers", "2")))
+    for contradiction in (("--max-failures", "2"), ("--workers", "2", "--no-ray"),
+                          ("--in-process", "--no-ray")):
         with pytest.raises(SystemExit) as exc:
             take_job_options(_train_args(*contradiction))
         assert exc.value.code == 2
@@ -132,7 +141,8 @@ def test_train_job_options(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_request_from_cli_options() -> None:
     cfg = TrainConfig(data="/scans", out="/m.safetensors", epochs=2)
     opts = argparse.Namespace(workers=3, gpu=True, cpus_per_worker=4.0, ray_address=None,
-                              max_failures=2, db=None, mlflow=None, no_ray=None)
+                              max_failures=2, db=None, mlflow=None, no_ray=None,
+                              in_process=None)
     request = request_from_cli(cfg, opts)
     assert (request.workers, request.use_gpu, request.cpus_per_worker,
             request.max_failures) == (3, True, 4.0, 2)
