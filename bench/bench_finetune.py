@@ -16,7 +16,8 @@ fine-tune never saw:
 3. The fine-tune is ``lungvit.training.learn.fit.fit`` from the base with the default transfer
    policy (``--transfer`` to force one; several, comma-separated, are run one after the
    other on the same split) and the base's share of the kept weights ``--base-mix``
-   (``TrainConfig.base_mix``; several, comma-separated, likewise).
+   (``TrainConfig.base_mix``; several, comma-separated, likewise) and the weight of the
+   distillation term ``--distill`` (``TrainConfig.distill``, likewise).
 4. Both models then read, through the app's decoding path (:class:`Predictor`), up to
    ``--eval-per-class`` unseen scans per class from the training sources (patients not
    used in the fine-tune at all) and up to as many scans of the held-out source. The base
@@ -245,24 +246,24 @@ def run(args: argparse.Namespace, argv: list[str]) -> str:
              f"{args.seed}, basic augmentation, best validation loss kept.  ",
              f"Scans the base trained or validated on ({args.base_split}): {excluded} left out."
              if args.base_split else _caution(base_info, args.data), ""]
-    runs = [(policy, float(mix)) for policy in args.transfer.split(",")
-            for mix in args.base_mix.split(",")]
-    for policy, mix in runs:
-        tag = f"{policy}-mix{mix:g}"
+    runs = [(policy, float(mix), float(kd)) for policy in args.transfer.split(",")
+            for mix in args.base_mix.split(",") for kd in args.distill.split(",")]
+    for policy, mix, kd in runs:
+        tag = f"{policy}-mix{mix:g}-distill{kd:g}"
         cfg = TrainConfig(data=str(work / "data"), out=str(work / f"tuned-{tag}.safetensors"),
                           from_checkpoint=str(base), transfer=policy, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                           split_manifest=str(manifest), run_dir=str(work / f"run-{tag}"),
                           cache_dir=args.cache_dir or str(work / "cache"), min_per_class=1,
                           early_stopping_patience=args.patience, max_steps=args.max_steps,
-                          base_mix=mix)
+                          base_mix=mix, distill=kd)
         shutil.rmtree(cfg.run_dir, ignore_errors=True)
         started = time.perf_counter()
         result = fit(cfg, progress=False)
         seconds = time.perf_counter() - started
         counts = result.data["counts"]
         lines += [f"## Transfer policy `{result.transfer['name']}` (asked: {policy}), base "
-                  f"mix {mix:g}", "",
+                  f"mix {mix:g}, distillation {kd:g}", "",
                   f"{result.transfer['reason']}; {result.epochs} epochs, {result.steps} steps, "
                   f"{seconds:.0f} s in all. Split: train {sum(counts['train'].values())}, "
                   f"val {sum(counts['val'].values())}, test {sum(counts['test'].values())}.", "",
@@ -314,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the base's share of the kept weights (TrainConfig.base_mix); "
                    "several, comma-separated, are run one after the other (default: "
                    "TrainConfig's)")
+    p.add_argument("--distill", default=str(TrainConfig.distill),
+                   help="weight of the distillation term (TrainConfig.distill); several, "
+                   "comma-separated, are each measured on the same split")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--patience", type=int, default=10, help="early-stopping patience (10)")
     p.add_argument("--max-steps", type=int, help="cap optimizer steps (smoke tests)")

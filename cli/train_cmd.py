@@ -55,6 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="with --from: keep W x the base's weights + (1 - W) x the "
                        "fine-tuned ones (weight-space ensembling, 0 to <1; default 0.5: "
                        "keeps more of what the base learned on other sites)")
+    model.add_argument("--distill", type=float, metavar="W",
+                       help="with --from: weight of a term that keeps the fine-tune's answers "
+                       "on its training images close to the base's (learning without "
+                       "forgetting; default 1, 0: off)")
     model.add_argument("--compare-to", metavar="MODEL",
                        help="model to compare the result with on the test split (default: "
                        "the --from model)")

@@ -141,6 +141,7 @@ def test_fine_tune_freezes_by_policy_and_compares_with_its_base(tmp_path: Path) 
     tuned = fit(cfg, progress=False)
 
     assert tuned.transfer["name"] == "head" and tuned.transfer["frozen_blocks"] == DEPTH - 1
+    assert (tuned.transfer["distill"], base.transfer["distill"]) == (1.0, 0.0)  # the default
     before, _ = load_checkpoint(base.checkpoint)
     after, info = load_checkpoint(tuned.checkpoint)
     b, a = before.state_dict(), after.state_dict()
@@ -173,6 +174,7 @@ def test_fine_tune_freezes_by_policy_and_compares_with_its_base(tmp_path: Path) 
 
     text = describe_run(tuned.transfer, tuned.comparison)
     assert "transfer policy: head" in text and f"on {len(known)} test scans" in text
+    assert "distillation weight 1" in text
     assert "lung-new left out" in describe_comparison(tuned.comparison)
     stored = final_metrics(tuned)
     assert stored["compare/n_test"] == len(known)
@@ -249,3 +251,45 @@ def test_base_mix_moves_the_weights_back_towards_the_base() -> None:
         mix_with_base(tuned, base_state, 1.0)
     with pytest.raises(TrainConfigError, match="base_mix"):
         TrainConfig(data="d", out="o", base_mix=1.5).validate()
+
+
+def test_distillation_term_is_the_tempered_kl_to_the_base_over_shared_classes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """LwF: loss = cross-entropy + weight * T^2 * KL(teacher || student) over the classes
+    the base knows (computed here by hand); the teacher is not trained, saved or switched
+    to train mode with the module."""
+    import torch.nn.functional as F
+
+    from lungvit.training.learn.module import LungViTModule
+
+    student, teacher = _tiny(3), create_model("lungvit_tiny", num_classes=3, img_size=32)
+    module = LungViTModule(student, labels=["a", "b", "new"], teacher=teacher, distill=0.7,
+                           distill_temperature=2.0, distill_classes=[0, 1])
+    assert not any(k.startswith("_teacher") for k in module.state_dict())
+    assert {id(p) for p in module.parameters()} == {id(p) for p in student.parameters()}
+    module.train()
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    torch.manual_seed(1)
+    x, y = torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 0])
+    got = module.training_step((x, y), 0)
+    logits = student(x)
+    with torch.no_grad():
+        target = F.softmax(teacher(x)[:, [0, 1]] / 2.0, dim=1)
+    kl = (target * (target.log() - F.log_softmax(logits[:, [0, 1]] / 2.0, dim=1))).sum(1).mean()
+    want = F.cross_entropy(logits, y) + 0.7 * 4.0 * kl
+    torch.testing.assert_close(got, want)
+    plain = LungViTModule(student, labels=["a", "b", "new"]).train().training_step((x, y), 0)
+    torch.testing.assert_close(plain, F.cross_entropy(logits, y))
+    assert got > plain  # the student and teacher disagree, so the term adds
+    with pytest.raises(TrainConfigError, match="distill"):
+        TrainConfig(data="d", out="o", distill=-1).validate()
+    from lungvit.cli.main import build_parser
+    from lungvit.cli.runs_cmd import take_job_options
+    from lungvit.cli.train_cmd import config_from_args
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--distill", "0"])
+    assert take_job_options(args) is None  # leaves the TrainConfig options
+    assert config_from_args(args).distill == 0.0
+    with pytest.raises(TrainConfigError, match="distill_temperature"):
+        TrainConfig(data="d", out="o", distill_temperature=0).validate()

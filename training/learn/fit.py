@@ -15,6 +15,7 @@ of the plain model with its labels, preprocessing, calibration temperature and p
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -200,6 +201,10 @@ def fit(cfg: TrainConfig, *, datamodule: ScanDataModule | None = None,
     # The adapted base, kept for weight-space ensembling after training.
     base_state = ({k: v.detach().clone() for k, v in model.state_dict().items()}
                   if cfg.from_checkpoint and cfg.base_mix > 0 else None)
+    # The adapted base answers the training images for the distillation term (LwF).
+    kept = head_mapping["kept"] if head_mapping else []
+    teacher = (copy.deepcopy(model) if cfg.from_checkpoint and cfg.distill > 0 and kept
+               else None)
     transfer = plan_transfer(cfg, dm.class_counts["train"], model)
     transfer.apply(model)  # freezes what the policy holds fixed for the whole run
     weights = (class_weights_from_counts([dm.class_counts["train"][c] for c in classes])
@@ -208,7 +213,9 @@ def fit(cfg: TrainConfig, *, datamodule: ScanDataModule | None = None,
                            warmup_steps=cfg.warmup_steps, warmup_frac=cfg.warmup_frac,
                            min_lr_ratio=cfg.min_lr_ratio, label_smoothing=cfg.label_smoothing,
                            class_weights=weights, grad_checkpointing=cfg.grad_checkpointing,
-                           lr_scales=transfer.lr_scales(model))
+                           lr_scales=transfer.lr_scales(model), teacher=teacher,
+                           distill=cfg.distill, distill_temperature=cfg.distill_temperature,
+                           distill_classes=[classes.index(c) for c in kept])
 
     precision = resolve_precision(cfg.precision, cfg.accelerator)
     if precision != "32-true" and torch.cuda.is_available():
@@ -275,7 +282,8 @@ def fit(cfg: TrainConfig, *, datamodule: ScanDataModule | None = None,
     if base_state is not None:
         new_rows = [classes.index(c) for c in (head_mapping or {}).get("new", [])]
         mix_with_base(model, base_state, cfg.base_mix, fresh_rows=new_rows)
-    plan = {**transfer.to_dict(), "base_mix": cfg.base_mix if base_state is not None else 0.0}
+    plan = {**transfer.to_dict(), "base_mix": cfg.base_mix if base_state is not None else 0.0,
+            "distill": cfg.distill if teacher is not None else 0.0}
     device = torch.device("cuda") if _hardware(trainer)["gpu_count"] else torch.device("cpu")
     val_logits, val_targets = collect_logits(model, dm.val_dataloader(), device)
     test_logits, test_targets = collect_logits(model, dm.test_dataloader(), device)

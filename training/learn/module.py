@@ -111,9 +111,18 @@ class LungViTModule(L.LightningModule):
                  warmup_frac: float = 0.05, min_lr_ratio: float = 0.01,
                  label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None,
                  grad_checkpointing: bool = False,
-                 lr_scales: Mapping[str, float] | None = None) -> None:
+                 lr_scales: Mapping[str, float] | None = None,
+                 teacher: nn.Module | None = None, distill: float = 0.0,
+                 distill_temperature: float = 2.0,
+                 distill_classes: Sequence[int] | None = None) -> None:
         super().__init__()
         self.model = model
+        # Not a registered submodule: the teacher is not trained, saved or put in train mode.
+        self.__dict__["_teacher"] = (teacher.eval().requires_grad_(False) if teacher is not None
+                                     else None)
+        self.distill, self.distill_temperature = distill, distill_temperature
+        self._distill_classes = (list(distill_classes) if distill_classes is not None
+                                 else list(range(len(labels))))
         self.labels = list(labels)
         self.lr = lr
         self.weight_decay = weight_decay
@@ -132,7 +141,7 @@ class LungViTModule(L.LightningModule):
                 raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
             model.set_grad_checkpointing(True)
         self.lr_scales = dict(lr_scales) if lr_scales is not None else None
-        self.save_hyperparameters(ignore=["model", "class_weights", "lr_scales"])
+        self.save_hyperparameters(ignore=["model", "class_weights", "lr_scales", "teacher"])
         # Outputs of the running evaluation, and the reports of finished ones.
         self._eval_logits: list[torch.Tensor] = []
         self._eval_targets: list[torch.Tensor] = []
@@ -149,11 +158,28 @@ class LungViTModule(L.LightningModule):
         logits = self.model(x)  # (B, C)
         loss = F.cross_entropy(logits, y, weight=self.class_weights,
                                label_smoothing=self.label_smoothing)
+        if self._teacher is not None and self.distill > 0 and self._distill_classes:
+            loss = loss + self.distill * self._distillation(x, logits)
         acc = (logits.argmax(dim=1) == y).float().mean()
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
                  batch_size=len(y), sync_dist=True)
         self.log("train/acc", acc, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
         return loss
+
+    def _distillation(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """KL(teacher || student) over the shared classes at temperature T, times T^2."""
+        teacher = self._teacher
+        if next(teacher.parameters()).device != x.device:
+            teacher.to(x.device)
+        idx = self._distill_classes
+        t = self.distill_temperature
+        with torch.no_grad():
+            target = F.softmax(teacher(x)[:, idx].float() / t, dim=1)
+        log_student = F.log_softmax(logits[:, idx].float() / t, dim=1)
+        kd = F.kl_div(log_student, target, reduction="batchmean") * t * t
+        self.log("train/distill", kd, on_step=False, on_epoch=True, batch_size=len(x),
+                 sync_dist=True)
+        return kd
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         opt = self.optimizers(use_pl_optimizer=False)

@@ -34,6 +34,8 @@ After training, the kept weights of a run from a checkpoint are moved part of th
 to the base's (:func:`mix_with_base`, ``TrainConfig.base_mix``, 0.5 by default): a few scans
 from one site pull a fine-tune towards that site's shortcuts, and the mix keeps more of what
 the base learned elsewhere (``bench/bench_finetune.py`` measures both sides of the trade).
+While it trains, a distillation term keeps its answers on its training images near the
+base's (``TrainConfig.distill``, :class:`~lungvit.training.learn.module.LungViTModule`).
 """
 from __future__ import annotations
 
@@ -226,6 +228,9 @@ def describe_run(transfer: Mapping[str, Any] | None,
     if transfer:
         fields = {k: v for k, v in transfer.items() if k in TransferPolicy.__dataclass_fields__}
         line = TransferPolicy(**fields).describe()
+        if transfer.get("distill"):
+            line += (f"; answers kept near the base's on the training images (distillation "
+                     f"weight {transfer['distill']:g})")
         if transfer.get("base_mix"):
             line += (f"; kept weights {transfer['base_mix']:g} x the base's + "
                      f"{1 - transfer['base_mix']:g} x the fine-tuned ones")
