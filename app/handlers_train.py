@@ -273,6 +273,12 @@ def job_results(ctx: AppContext, job_id: float | None
     if policy.get("name"):
         calib.append(f"- Transfer policy: {policy['name']}"
                      + (f" ({html.escape(policy['reason'])})" if policy.get("reason") else ""))
+        kept = [f"distilled from the base (weight {policy['distill']:g})"
+                if policy.get("distill") else "",
+                f"kept weights {policy['base_mix']:g} x the base's" if policy.get("base_mix")
+                else ""]
+        if any(kept):
+            calib.append("- Keeping what the base knew: " + "; ".join(k for k in kept if k))
     done = job.status == "succeeded" and bool(job.result_checkpoint_path)
     verdict = _verdict(ctx, job, final)
     text = warning_markdown(verdict) if verdict is not None else ""

@@ -225,7 +225,7 @@ def test_finetune_in_browser(page: object, tmp_path: Path, shots: Path) -> None:
     # otherwise the shortest run that goes through every stage.
     readme = bool(os.environ.get("LUNGVIT_SCREENSHOTS"))
     per_class, epochs, steps, base = (("24", "3", "0", "Current model") if readme else
-                                      ("8", "1", "4", "lungvit_tiny (from scratch)"))
+                                      ("8", "1", "4", "Current model"))
     data = tmp_path / "dataset"
     assert cli(["demo-data", str(data), "--per-class", per_class, "--size", "64", "--classes",
                 "lung-normal", "lung-covid", "lung-oct-cnv"]) == 0
@@ -235,6 +235,9 @@ def test_finetune_in_browser(page: object, tmp_path: Path, shots: Path) -> None:
     sync_api.expect(status).to_contain_text("Job", timeout=60_000)
     sync_api.expect(status).to_contain_text("succeeded", timeout=540_000)
     sync_api.expect(pg.locator("#use-model")).to_be_enabled(timeout=30_000)
+    # A fine-tune of the current model says how it kept what that model knew.
+    sync_api.expect(pg.get_by_text("Keeping what the base knew: distilled from the base "
+                                   "(weight 1); kept weights 0.5 x the base's")).to_be_visible()
     pg.screenshot(path=str(shots / "finetune.png"), full_page=True)
     # A run this small is compared on fewer than 30 test scans: the warning must be
     # acknowledged before the model can be used.
