@@ -280,6 +280,10 @@ def test_distillation_term_is_the_tempered_kl_to_the_base_over_shared_classes(
     torch.testing.assert_close(got, want)
     plain = LungViTModule(student, labels=["a", "b", "new"]).train().training_step((x, y), 0)
     torch.testing.assert_close(plain, F.cross_entropy(logits, y))
+    for off in ({"distill": 0.0, "distill_classes": [0, 1]},
+                {"distill": 0.7, "distill_classes": []}):  # no weight, or no shared class
+        unused = LungViTModule(student, labels=["a", "b", "new"], teacher=teacher, **off)
+        torch.testing.assert_close(unused.train().training_step((x, y), 0), plain)
     assert got > plain  # the student and teacher disagree, so the term adds
     with pytest.raises(TrainConfigError, match="distill"):
         TrainConfig(data="d", out="o", distill=-1).validate()

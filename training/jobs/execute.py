@@ -24,15 +24,13 @@ from pathlib import Path
 
 from lungvit.core.errors import LungViTError
 from lungvit.training.config import TrainConfig
-from lungvit.training.jobs.request import (DEFAULT_HEARTBEAT_S, JobError, JobRequest, store_url,
-                                           train_config)
+from lungvit.training.jobs.request import (DEFAULT_HEARTBEAT_S, IN_PROCESS, JobError, JobRequest,
+                                           store_url, train_config)
 from lungvit.training.jobs.worker_hooks import check_importable
 from lungvit.training.store import AttemptConflictError, JobRecord, JobStatus, Store, open_store
 from lungvit.training.store.resumable import latest_resumable
 
 log = logging.getLogger(__name__)
-
-IN_PROCESS = "in-process"  # the Ray address recorded for a job run in Ray Train's local mode
 
 # Progress callback: (optimizer steps done, expected total or None, latest metric values).
 ProgressFn = Callable[[int, "int | None", dict[str, float]], None]

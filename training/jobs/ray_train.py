@@ -141,15 +141,24 @@ class LoopbackTorchConfig(TorchConfig):
 
 
 def train(spec: TrainSpec) -> None:
-    """Run the training on the connected cluster; return when the workers are done.
+    """Run the training on the connected cluster, or in this process for an in-process
+    spec; return when the workers are done.
 
     Raises:
         RayTrainingError: the run failed (its message holds the workers' error).
         SystemExit, KeyboardInterrupt: the run was aborted (:func:`abort_training`).
     """
-    if spec.in_process:
-        _train_in_process(spec)
-        return
+    # Ray's fit() installs its SIGINT handler (abort the run) for good, and Lightning ignores
+    # SIGINT while it shuts down after one: put ours back after either.
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        (_fit_in_process if spec.in_process else _fit_on_cluster)(spec)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, previous)
+
+
+def _fit_on_cluster(spec: TrainSpec) -> None:
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"spec": spec},
@@ -163,20 +172,15 @@ def train(spec: TrainSpec) -> None:
                                                checkpoint_score_attribute=SCORE_ATTRIBUTE,
                                                checkpoint_score_order="min"),
             callbacks=[WorkerFailureEvents(spec.db_url, spec.job_id)]))
-    # fit() installs Ray's SIGINT handler (abort the run) for good; put ours back after.
-    previous = signal.getsignal(signal.SIGINT)
     try:
         trainer.fit()
     except (SystemExit, KeyboardInterrupt):
         raise
     except Exception as exc:  # Ray's TrainingFailedError and friends: report their text
         raise RayTrainingError(_describe_failure(exc)) from exc
-    finally:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, previous)
 
 
-def _train_in_process(spec: TrainSpec) -> None:
+def _fit_in_process(spec: TrainSpec) -> None:
     """Ray Train's local mode: the training function runs here, in the main thread.
 
     SIGINT (:func:`abort_training`) interrupts it: Lightning stops gracefully and raises
@@ -186,31 +190,25 @@ def _train_in_process(spec: TrainSpec) -> None:
     trainer = TorchTrainer(_train_worker, train_loop_config={"spec": spec},
                            scaling_config=ScalingConfig(num_workers=0),
                            run_config=RunConfig(name=spec.name, storage_path=spec.storage_path))
-    previous = signal.getsignal(signal.SIGINT)
-    failures = 0
-    try:
-        while True:
-            try:
-                trainer.fit()
-                return
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except Exception as exc:
-                _record_worker_failure(spec.db_url, spec.job_id, 0, exc)
-                if failures >= spec.max_failures:
-                    raise RayTrainingError(_describe_failure(exc)) from exc
-                failures += 1
-    finally:
-        # Lightning ignores SIGINT while it shuts down after one; give the job its own back.
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, previous)
+    for failures in range(spec.max_failures + 1):
+        try:
+            trainer.fit()
+            return
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            record_worker_failures(spec.db_url, spec.job_id, {0: exc})
+            if failures == spec.max_failures:
+                raise RayTrainingError(_describe_failure(exc)) from exc
 
 
-def _record_worker_failure(db_url: str, job_id: int, rank: int, exc: BaseException) -> None:
-    first = (str(exc).strip().splitlines() or [""])[0][:500]
+def record_worker_failures(db_url: str, job_id: int, errors: dict[int, BaseException]) -> None:
+    """One error event per failed worker rank, with the first line of its error."""
     with open_store(db_url) as store:
-        store.add_event(job_id, f"worker rank {rank} failed: {type(exc).__name__}: {first}",
-                        "error")
+        for rank, exc in sorted(errors.items()):
+            first = (str(exc).strip().splitlines() or [""])[0][:500]
+            store.add_event(job_id, f"worker rank {rank} failed: {type(exc).__name__}: {first}",
+                            "error")
 
 
 def _describe_failure(exc: BaseException) -> str:
@@ -310,8 +308,4 @@ class WorkerFailureEvents(UserCallback):
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]
                         ) -> None:
-        with open_store(self.db_url) as store:
-            for rank, exc in sorted(worker_exceptions.items()):
-                first = (str(exc).strip().splitlines() or [""])[0][:500]
-                store.add_event(self.job_id, f"worker rank {rank} failed: "
-                                             f"{type(exc).__name__}: {first}", "error")
+        record_worker_failures(self.db_url, self.job_id, worker_exceptions)

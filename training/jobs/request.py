@@ -32,7 +32,8 @@ MODEL_NAME = "model.safetensors"
 # cluster; "in-process", Ray Train's local mode (one worker, the job process itself, no
 # cluster: starts in seconds); "auto", in-process for one worker when no Ray cluster is
 # named (``ray_address`` or ``RAY_ADDRESS``), else cluster.
-RUNTIMES = ("cluster", "in-process", "auto")
+IN_PROCESS = "in-process"  # also the Ray address recorded for such a job
+RUNTIMES = ("cluster", IN_PROCESS, "auto")
 
 
 class JobError(LungViTError):
@@ -105,7 +106,7 @@ class JobRequest:
                             f"not {self.worker_hooks!r}")
         if self.runtime not in RUNTIMES:
             problems.append(f"runtime must be one of {', '.join(RUNTIMES)}, not {self.runtime!r}")
-        elif self.runtime == "in-process" and (self.workers != 1 or self.ray_address):
+        elif self.runtime == IN_PROCESS and (self.workers != 1 or self.ray_address):
             problems.append("runtime in-process runs one worker in the job process: it takes "
                             "workers=1 and no ray_address")
         if problems:
@@ -134,7 +135,7 @@ class JobRequest:
         """Whether the job trains in its own process (Ray Train's local mode)."""
         if self.runtime == "auto":
             return self.workers == 1 and not (self.ray_address or environ.get("RAY_ADDRESS"))
-        return self.runtime == "in-process"
+        return self.runtime == IN_PROCESS
 
     def worker_resources(self) -> dict[str, float]:
         resources = {"CPU": float(self.cpus_per_worker), **self.resources_per_worker}
@@ -187,7 +188,7 @@ def request_from_cli(cfg: TrainConfig, opts: argparse.Namespace) -> JobRequest:
                          use_gpu=bool(opts.gpu), ray_address=opts.ray_address,
                          mlflow_uri=opts.mlflow)
     if getattr(opts, "in_process", None):
-        request.runtime = "in-process"
+        request.runtime = IN_PROCESS
     if opts.max_failures is not None:
         request.max_failures = opts.max_failures
     if opts.cpus_per_worker is not None:

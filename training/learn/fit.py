@@ -203,8 +203,7 @@ def fit(cfg: TrainConfig, *, datamodule: ScanDataModule | None = None,
                   if cfg.from_checkpoint and cfg.base_mix > 0 else None)
     # The adapted base answers the training images for the distillation term (LwF).
     kept = head_mapping["kept"] if head_mapping else []
-    teacher = (copy.deepcopy(model) if cfg.from_checkpoint and cfg.distill > 0 and kept
-               else None)
+    teacher = copy.deepcopy(model) if cfg.distill > 0 and kept else None
     transfer = plan_transfer(cfg, dm.class_counts["train"], model)
     transfer.apply(model)  # freezes what the policy holds fixed for the whole run
     weights = (class_weights_from_counts([dm.class_counts["train"][c] for c in classes])

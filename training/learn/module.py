@@ -118,11 +118,13 @@ class LungViTModule(L.LightningModule):
         super().__init__()
         self.model = model
         # Not a registered submodule: the teacher is not trained, saved or put in train mode.
+        # It is used only with a weight and the output columns it shares with the model.
+        if teacher is not None and not (distill > 0 and distill_classes):
+            teacher = None
         self.__dict__["_teacher"] = (teacher.eval().requires_grad_(False) if teacher is not None
                                      else None)
         self.distill, self.distill_temperature = distill, distill_temperature
-        self._distill_classes = (list(distill_classes) if distill_classes is not None
-                                 else list(range(len(labels))))
+        self._distill_classes = list(distill_classes or [])
         self.labels = list(labels)
         self.lr = lr
         self.weight_decay = weight_decay
@@ -158,7 +160,7 @@ class LungViTModule(L.LightningModule):
         logits = self.model(x)  # (B, C)
         loss = F.cross_entropy(logits, y, weight=self.class_weights,
                                label_smoothing=self.label_smoothing)
-        if self._teacher is not None and self.distill > 0 and self._distill_classes:
+        if self._teacher is not None:
             loss = loss + self.distill * self._distillation(x, logits)
         acc = (logits.argmax(dim=1) == y).float().mean()
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
@@ -168,18 +170,19 @@ class LungViTModule(L.LightningModule):
 
     def _distillation(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """KL(teacher || student) over the shared classes at temperature T, times T^2."""
-        teacher = self._teacher
-        if next(teacher.parameters()).device != x.device:
-            teacher.to(x.device)
         idx = self._distill_classes
         t = self.distill_temperature
         with torch.no_grad():
-            target = F.softmax(teacher(x)[:, idx].float() / t, dim=1)
+            target = F.softmax(self._teacher(x)[:, idx].float() / t, dim=1)
         log_student = F.log_softmax(logits[:, idx].float() / t, dim=1)
         kd = F.kl_div(log_student, target, reduction="batchmean") * t * t
         self.log("train/distill", kd, on_step=False, on_epoch=True, batch_size=len(x),
                  sync_dist=True)
         return kd
+
+    def on_fit_start(self) -> None:
+        if self._teacher is not None:  # unregistered, so Lightning does not move it
+            self._teacher.to(self.device)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         opt = self.optimizers(use_pl_optimizer=False)

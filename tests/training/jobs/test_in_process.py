@@ -17,11 +17,10 @@ import pytest
 import torch
 
 from lungvit.training.jobs import runner as jobs
-from lungvit.training.jobs.execute import IN_PROCESS
 from lungvit.training.jobs.ray_sessions import session_dirs
 from lungvit.training.jobs.ray_report import (CHECKPOINT_FILE, LOCAL_SCORE_FILE, ReportToRay,
                                               checkpoint_dir_name)
-from lungvit.training.jobs.request import JobError, JobRequest
+from lungvit.training.jobs.request import IN_PROCESS, JobError, JobRequest
 from lungvit.training.store import JobStatus, open_store
 
 from . import fault_hooks
