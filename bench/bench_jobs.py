@@ -9,8 +9,8 @@ prepares the data, starts (or joins) Ray and trains ``lungvit_tiny`` from scratc
 synthetic phantoms (3 classes x 8, 64 px; ``lungvit demo-data``). Each ``--runtime`` is
 measured ``--runs`` times, interleaved (run 1 of each, then run 2, ...): ``in-process``
 (Ray Train's local mode in the job process; what the app's one-worker Fine-tune uses) and
-``cluster`` (one Ray Train worker on a local Ray cluster the job starts). The store is polled every
-20 ms from this process, as the app's status does (the app polls every 1 s). Reported,
+``cluster`` (one Ray Train worker on a local Ray cluster the job starts). The store is
+polled every 20 ms from this process, as the app's status does (the app polls every 1 s). Reported,
 median of ``--runs`` (the first run also pays the OS's cold file cache):
 
 - the milestones the job records (process started, data prepared, Ray attempt started,

@@ -224,13 +224,12 @@ def test_finetune_in_browser(page: object, tmp_path: Path, shots: Path) -> None:
     # For the README, a run worth looking at: the demo model fine-tuned for a few epochs;
     # otherwise the shortest run that goes through every stage.
     readme = bool(os.environ.get("LUNGVIT_SCREENSHOTS"))
-    per_class, epochs, steps, base = (("24", "3", "0", "Current model") if readme else
-                                      ("8", "1", "4", "Current model"))
+    per_class, epochs, steps = ("24", "3", "0") if readme else ("8", "1", "4")
     data = tmp_path / "dataset"
     assert cli(["demo-data", str(data), "--per-class", per_class, "--size", "64", "--classes",
                 "lung-normal", "lung-covid", "lung-oct-cnv"]) == 0
     pg = page
-    start_finetune(pg, data, classes=3, epochs=epochs, steps=steps, base=base)
+    start_finetune(pg, data, classes=3, epochs=epochs, steps=steps, base="Current model")
     status = pg.locator("#job-status")
     sync_api.expect(status).to_contain_text("Job", timeout=60_000)
     sync_api.expect(status).to_contain_text("succeeded", timeout=540_000)
