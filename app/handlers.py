@@ -341,12 +341,16 @@ def explain_files(ctx: AppContext, files: Sequence[Any] | None, selected: str | 
     served, path, shown_as, result = _explained(ctx, files, selected, preset, center, width,
                                                 methods, target, choice)
     scan = shown_as.scan
+    # The files are full size: a JPEG 2000 scan that was read smaller to be shown is read
+    # again in full, with the very window it was shown with.
+    full = scan if scan.meta.resolution_level == 0 else ctx.scans.scan(
+        path, window=shown_as.window, min_side=None)
     label = served.labels[result.target]
     name = display_name(path, ctx.unpack_dir())
     out_dir = ctx.scratch("downloads")
     downloads, parts = [], []
     for e in result:
-        image = render_overlay(e, scan.pixels, opacity=float(opacity))
+        image = render_overlay(e, full.pixels, opacity=float(opacity))
         png = out_dir / f"{Path(name).stem}-{e.method}.png"
         save_png(png, image, method=e.method, target=label)
         downloads.append(str(png))
@@ -355,7 +359,7 @@ def explain_files(ctx: AppContext, files: Sequence[Any] | None, selected: str | 
     pred = _prediction(ctx, served, scan)
     report = out_dir / f"{Path(name).stem}-report.html"
     report.write_text(build_report(
-        name=name, image=to_uint8(scan.pixels), prediction=pred.to_dict(), explanations=parts,
+        name=name, image=to_uint8(full.pixels), prediction=pred.to_dict(), explanations=parts,
         model=served.describe(), demo=served.is_demo(),
         version=_version(), report_id=uuid.uuid4().hex[:12]), encoding="utf-8")
     downloads.append(str(report))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lungvit.core.io.ingest import load_scan
+from lungvit.core.io.ingest import WORKING_SIDE, load_scan
 from lungvit.core.io.scan import Scan
 
 DEFAULT_MAX_BYTES = 768 << 20  # about 40 decoded 2,400 x 2,000 float32 scans
@@ -39,11 +39,13 @@ class ScanKey:
         window: the window passed to ``load_scan`` ((center, width), "auto", "minmax" or
             None for the file's own).
         include_phi: identifying attributes were copied into the metadata.
+        min_side: the ``min_side`` passed to ``load_scan`` (None: full size).
     """
 
     digest: str
     window: tuple[float, float] | str | None
     include_phi: bool
+    min_side: int | None = WORKING_SIDE
 
 
 def _size(value: Any) -> int:
@@ -64,7 +66,8 @@ class ScanCache:
 
     Args:
         max_bytes: the pixels (and maps) kept at most.
-        reader: decodes a file: ``reader(data, name=..., window=..., include_phi=...)``
+        reader: decodes a file: ``reader(data, name=..., window=..., include_phi=...,
+            min_side=...)``
             (default :func:`~lungvit.core.io.ingest.load_scan`); tests count its calls.
     """
 
@@ -100,7 +103,8 @@ class ScanCache:
         return value
 
     def scan(self, path: str | Path, *, window: tuple[float, float] | str | None = None,
-             include_phi: bool = False, name: str | None = None) -> Scan:
+             include_phi: bool = False, name: str | None = None,
+             min_side: int | None = WORKING_SIDE) -> Scan:
         """The scan in ``path`` read with ``window``: decoded on the first call only.
 
         Args:
@@ -108,24 +112,27 @@ class ScanCache:
             window: as :func:`~lungvit.core.io.ingest.load_scan` takes it.
             include_phi: copy identifying attributes into the metadata.
             name: the name reported in the metadata (default the file's).
+            min_side: as ``load_scan`` takes it: by default the size that showing and
+                predicting use (a large JPEG 2000 DICOM is read smaller); None for the
+                full-size image of a download.
 
         Raises:
             ScanReadError: the file cannot be read (nothing is cached then).
         """
         p = Path(path)
-        key = ScanKey(self.digest(p), _window_key(window), bool(include_phi))
+        key = self.scan_key(p, window, include_phi, min_side)
         return self.get_or_make(("scan", key, name or p.name), lambda: self._decode(
-            p, window, include_phi, name or p.name))
+            p, window, include_phi, name or p.name, min_side))
 
     def scan_key(self, path: str | Path, window: tuple[float, float] | str | None,
-                 include_phi: bool = False) -> ScanKey:
+                 include_phi: bool = False, min_side: int | None = WORKING_SIDE) -> ScanKey:
         """The key :meth:`scan` files a scan under (to key what is derived from it)."""
-        return ScanKey(self.digest(path), _window_key(window), bool(include_phi))
+        return ScanKey(self.digest(path), _window_key(window), bool(include_phi), min_side)
 
     def _decode(self, path: Path, window: tuple[float, float] | str | None,
-                include_phi: bool, name: str) -> Scan:
+                include_phi: bool, name: str, min_side: int | None) -> Scan:
         scan = self._reader(path.read_bytes(), name=name, window=window,
-                            include_phi=include_phi)
+                            include_phi=include_phi, min_side=min_side)
         with self._lock:
             self.decodes += 1
         return scan

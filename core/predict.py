@@ -22,7 +22,7 @@ from torch import nn
 
 from lungvit.core.model.checkpoint import CheckpointInfo, load_checkpoint
 from lungvit.core.errors import CheckpointError, ScanReadError
-from lungvit.core.io.ingest import load_scan
+from lungvit.core.io.ingest import WORKING_SIDE, load_scan
 from lungvit.core.model.ood import features_and_logits
 from lungvit.core.model.preprocess import PreprocessConfig, to_model_input
 from lungvit.core.io.scan import Scan
@@ -224,7 +224,7 @@ class Predictor:
         pending: list[ScanReadError | Scan] = []
         for path in paths:
             try:
-                pending.append(load_scan(path))
+                pending.append(load_scan(path, min_side=WORKING_SIDE))
             except ScanReadError as exc:
                 pending.append(exc)
             if sum(isinstance(x, Scan) for x in pending) >= self.batch_size:

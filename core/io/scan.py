@@ -31,6 +31,9 @@ class ScanMetadata:
         frame_used: index of the frame decoded (0 for single-frame files).
         number_of_frames: frames in the file.
         original_shape: (rows, columns) of the decoded frame.
+        resolution_level: 0 when the pixels are the frame at full size; ``r`` when a JPEG
+            2000 frame was decoded at its resolution level ``r`` (each side halved ``r``
+            times, rounded up), as ``load_scan(min_side=...)`` allows.
         pixel_spacing: (row, column) spacing in mm, if known.
         view_position: DICOM ViewPosition (e.g. "PA"), if present.
         body_part: DICOM BodyPartExamined, if present.
@@ -54,6 +57,7 @@ class ScanMetadata:
     frame_used: int = 0
     number_of_frames: int = 1
     original_shape: tuple[int, int] = (0, 0)
+    resolution_level: int = 0
     pixel_spacing: tuple[float, float] | None = None
     view_position: str | None = None
     body_part: str | None = None

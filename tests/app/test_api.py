@@ -204,6 +204,36 @@ def test_explain_files_are_made_on_request(running_app: tuple[str, object],
     assert PHI_NAME not in report and "SENTINEL-42" not in report
 
 
+def test_a_large_jpeg2000_is_shown_smaller_and_downloaded_full_size(
+        running_app: tuple[str, object], tmp_path: Path) -> None:
+    """A 1,600 x 1,200 JPEG 2000 DICOM is read once at half size for the view, the
+    prediction and the maps (the note says so); the download is read in full, with the
+    window the scan was shown with."""
+    from lungvit.app import handlers
+    from lungvit.synthetic.dicom_write import write_dicom
+
+    ctx = running_app[1]
+    yy, xx = np.mgrid[0:1600, 0:1200]
+    stored = (xx * 3 + (np.hypot(yy - 800, xx - 600) < 400) * 800).astype(np.uint16)
+    path = write_dicom(tmp_path / "big.dcm", stored, bits_stored=12, phi={},
+                       transfer_syntax="JPEG2000Lossless")
+    shown, _, _, flags, meta, *_ = handlers.show_scan(ctx, [str(path)], None, windows.AUTO,
+                                                      None, None, False)
+    assert Image.open(shown).size == (600, 800)
+    assert meta["resolution_level"] == 1 and meta["original_shape"] == [1600, 1200]
+    assert "1/2 size" in flags
+    args = ([str(path)], None, windows.AUTO, None, None, ["Attention rollout"],
+            "Predicted class", 0.5)
+    gallery, _ = handlers.explain_scan(ctx, *args)
+    assert Image.open(gallery[0][0]).size == (600, 800)
+    overlay, report = handlers.explain_files(ctx, *args)
+    assert Image.open(overlay).size == (1200, 1600)
+    small = ctx.scans.scan(path, window="auto")
+    full = ctx.scans.scan(path, window=small.meta.window_numbers(), min_side=None)
+    assert full.meta.resolution_level == 0 and full.pixels.shape == (1600, 1200)
+    assert "data:image/png;base64," in Path(report).read_text()
+
+
 def test_overlay_panels_show_each_map_with_its_verdict_and_numbers() -> None:
     from lungvit.app.ui_predict import SLOTS, fan_out
 

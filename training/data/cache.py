@@ -35,13 +35,13 @@ import torch
 from lungvit.core import __version__
 from lungvit.core.atomic import atomic_open, atomic_path
 from lungvit.core.errors import ScanReadError
-from lungvit.core.io.ingest import load_scan
+from lungvit.core.io.ingest import WORKING_SIDE, load_scan
 from lungvit.core.model.preprocess import PreprocessConfig, resize_pixels
 from lungvit.training.data.discover import Sample, file_sha256
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: large JPEG 2000 DICOMs read at WORKING_SIDE, as predictions read them
 SCALE = 65535.0  # uint16 full scale: stored = round(pixels * SCALE)
 _KEEP_SETS = 2  # most recently used sets kept per configuration
 _RACY_NS = 2_000_000_000  # files modified this recently are re-hashed next time
@@ -116,7 +116,7 @@ def _decode(path: str, entry: str, size: int) -> str | None:
     """
     pixels, key, error = np.zeros((0, 0), np.uint16), None, None
     try:
-        scan = load_scan(path)
+        scan = load_scan(path, min_side=WORKING_SIDE)  # as predictions read it
         resized = resize_pixels(scan.pixels, size).numpy()  # (S, S) in [0, 1]
         pixels = np.rint(resized * SCALE).astype(np.uint16)
         key = scan.meta.patient_key
