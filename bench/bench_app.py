@@ -20,7 +20,9 @@ weights), e.g. ``--variant lungvit_ref64`` for the reference configuration.
    per scan, the time until it is shown (``/predict``: upload, decode, predict, display
    image) and each of rollout, Grad-CAM and Integrated Gradients end to end (``/explain``),
    for one client (median of 3) and ``--clients`` at once (p95, and its ratio to the
-   single-client median); plus prediction of a decoded scan in process.
+   single-client median); plus prediction of a decoded scan in process, and the decode
+   of each file in process in full and at ``WORKING_SIDE`` (the app's size: a JPEG 2000
+   file is read at a reduced resolution level), as a ratio.
 """
 from __future__ import annotations
 
@@ -218,13 +220,13 @@ def predict_seconds(images: dict[str, list[Path]], model: Path | None, repeats: 
                     ) -> dict[str, float]:
     """In-process prediction of an already decoded scan (preprocess + forward + flags):
     the median of ``repeats``, per image kind."""
-    from lungvit.core.io.ingest import load_scan
+    from lungvit.core.io.ingest import WORKING_SIDE, load_scan
     from lungvit.core.predict import Predictor
 
     predictor = Predictor.from_checkpoint(model)
     out = {}
     for kind, paths in images.items():
-        scan = load_scan(paths[0])
+        scan = load_scan(paths[0], min_side=WORKING_SIDE)  # as the app reads it
         predictor.predict(scan)
         times = []
         for _ in range(repeats):
@@ -232,6 +234,25 @@ def predict_seconds(images: dict[str, list[Path]], model: Path | None, repeats: 
             predictor.predict(scan)
             times.append(time.perf_counter() - t0)
         out[kind] = statistics.median(times)
+    return out
+
+
+def decode_seconds(images: dict[str, list[Path]], repeats: int = 5
+                   ) -> dict[str, tuple[float, float]]:
+    """``load_scan`` of each kind's first image in full and at ``WORKING_SIDE`` (what the
+    app reads), interleaved: the medians of ``repeats``."""
+    from lungvit.core.io.ingest import WORKING_SIDE, load_scan
+
+    out = {}
+    for kind, paths in images.items():
+        data = paths[0].read_bytes()
+        times: dict[int | None, list[float]] = {None: [], WORKING_SIDE: []}
+        for _ in range(repeats):
+            for side, bucket in times.items():
+                t0 = time.perf_counter()
+                load_scan(data, min_side=side)
+                bucket.append(time.perf_counter() - t0)
+        out[kind] = (statistics.median(times[None]), statistics.median(times[WORKING_SIDE]))
     return out
 
 
@@ -243,6 +264,9 @@ def bench_user_path(args: argparse.Namespace, tmp: Path, model: Path | None) -> 
     images = user_path_images(tmp, 1 + single_reps + args.clients)
     for kind, ms in predict_seconds(images, model).items():
         print(f"predict, decoded {kind} in process: median {ms:.3f} s")
+    for kind, (full, working) in decode_seconds(images).items():
+        print(f"decode {kind} in process: full size median {full:.3f} s; at WORKING_SIDE "
+              f"median {working:.3f} s ({working / full:.2f}x)")
     cores = set(sorted(os.sched_getaffinity(0))[:args.cores])
     port = free_port()
     proc, _ = start_app(app_command(port, tmp / "path", model), port, cores)

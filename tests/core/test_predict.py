@@ -135,6 +135,22 @@ def test_bad_files_are_reported_individually(predictor: Predictor, tmp_path: Pat
     assert results[1].name == "good.png" and results[3].label == results[1].label
 
 
+def test_files_are_read_at_the_size_the_app_reads_them(predictor: Predictor,
+                                                        tmp_path: Path) -> None:
+    """``lungvit predict`` and the app give one answer for a large JPEG 2000 DICOM: both
+    read it at WORKING_SIDE (here its 1/2 resolution level)."""
+    from lungvit.core.io.ingest import WORKING_SIDE, load_scan
+    from lungvit.synthetic.dicom_write import write_dicom
+
+    stored = np.rint(_xray_like(1600) * 4095).astype(np.uint16)
+    path = write_dicom(tmp_path / "big.dcm", stored, bits_stored=12,
+                       transfer_syntax="JPEG2000Lossless")
+    (from_file,) = predictor.predict_files([path])
+    working = load_scan(path, min_side=WORKING_SIDE)
+    assert working.meta.resolution_level == 1
+    assert from_file.probabilities == predictor.predict(working).probabilities
+
+
 def test_cli_predict_json_csv_and_exit_codes(checkpoint: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     good = _write_png(tmp_path / "good.png", _xray_like())
