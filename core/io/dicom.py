@@ -401,7 +401,8 @@ def _decode_reduced(ds: Dataset, codestream: bytes, min_side: int
         return None
     rows, cols, components, precision, signed, levels = siz
     stored = int(ds.get("BitsStored") or 0)
-    if components != 1 or signed or precision != stored or not 1 <= precision <= 16:
+    if (components != 1 or signed or precision != stored or not 1 <= precision <= 16
+            or (rows, cols) != (int(ds.Rows), int(ds.Columns))):
         return None
     level = reduction_level(rows, cols, min_side, levels)
     if level == 0:
