@@ -246,25 +246,24 @@ def run(args: argparse.Namespace, argv: list[str]) -> str:
              f"{args.seed}, basic augmentation, best validation loss kept.  ",
              f"Scans the base trained or validated on ({args.base_split}): {excluded} left out."
              if args.base_split else _caution(base_info, args.data), ""]
-    runs = [(policy, float(mix), float(kd), bool(int(gate)))
-            for policy in args.transfer.split(",") for mix in args.base_mix.split(",")
-            for kd in args.distill.split(",") for gate in args.distill_gate.split(",")]
-    for policy, mix, kd, gate in runs:
-        tag = f"{policy}-mix{mix:g}-distill{kd:g}" + ("-gated" if gate else "")
+    runs = [(policy, float(mix), float(kd)) for policy in args.transfer.split(",")
+            for mix in args.base_mix.split(",") for kd in args.distill.split(",")]
+    for policy, mix, kd in runs:
+        tag = f"{policy}-mix{mix:g}-distill{kd:g}"
         cfg = TrainConfig(data=str(work / "data"), out=str(work / f"tuned-{tag}.safetensors"),
                           from_checkpoint=str(base), transfer=policy, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                           split_manifest=str(manifest), run_dir=str(work / f"run-{tag}"),
                           cache_dir=args.cache_dir or str(work / "cache"), min_per_class=1,
                           early_stopping_patience=args.patience, max_steps=args.max_steps,
-                          base_mix=mix, distill=kd, distill_gate=gate)
+                          base_mix=mix, distill=kd)
         shutil.rmtree(cfg.run_dir, ignore_errors=True)
         started = time.perf_counter()
         result = fit(cfg, progress=False)
         seconds = time.perf_counter() - started
         counts = result.data["counts"]
         lines += [f"## Transfer policy `{result.transfer['name']}` (asked: {policy}), base "
-                  f"mix {mix:g}, distillation {kd:g}" + (" (gated)" if gate else ""), "",
+                  f"mix {mix:g}, distillation {kd:g}", "",
                   f"{result.transfer['reason']}; {result.epochs} epochs, {result.steps} steps, "
                   f"{seconds:.0f} s in all. Split: train {sum(counts['train'].values())}, "
                   f"val {sum(counts['val'].values())}, test {sum(counts['test'].values())}.", "",
@@ -319,9 +318,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distill", default=str(TrainConfig.distill),
                    help="weight of the distillation term (TrainConfig.distill); several, "
                    "comma-separated, are each measured on the same split")
-    p.add_argument("--distill-gate", default=str(int(TrainConfig.distill_gate)),
-                   help="1: skip the distillation on training images the base contradicts "
-                   "(TrainConfig.distill_gate); 0,1 measures both")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--patience", type=int, default=10, help="early-stopping patience (10)")
     p.add_argument("--max-steps", type=int, help="cap optimizer steps (smoke tests)")

@@ -105,8 +105,6 @@ class TrainConfig:
             ``bench/bench_finetune.py`` (two seeds) showed it cut the loss on a held-out
             source from 32 and 13 points to 9 and 4 (BENCHMARKS.md).
         distill_temperature: see ``distill`` (2, as in that paper).
-        distill_gate: skip the distillation term on a training image whose label the
-            base knows and answers otherwise (the user's label is the authority there).
     """
 
     data: str
@@ -157,7 +155,6 @@ class TrainConfig:
     base_mix: float = 0.5
     distill: float = 1.0
     distill_temperature: float = 2.0
-    distill_gate: bool = False
 
     def __post_init__(self) -> None:
         self.data = str(self.data)

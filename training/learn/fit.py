@@ -214,8 +214,7 @@ def fit(cfg: TrainConfig, *, datamodule: ScanDataModule | None = None,
                            class_weights=weights, grad_checkpointing=cfg.grad_checkpointing,
                            lr_scales=transfer.lr_scales(model), teacher=teacher,
                            distill=cfg.distill, distill_temperature=cfg.distill_temperature,
-                           distill_classes=[classes.index(c) for c in kept],
-                           distill_gate=cfg.distill_gate)
+                           distill_classes=[classes.index(c) for c in kept])
 
     precision = resolve_precision(cfg.precision, cfg.accelerator)
     if precision != "32-true" and torch.cuda.is_available():
@@ -283,8 +282,7 @@ def fit(cfg: TrainConfig, *, datamodule: ScanDataModule | None = None,
         new_rows = [classes.index(c) for c in (head_mapping or {}).get("new", [])]
         mix_with_base(model, base_state, cfg.base_mix, fresh_rows=new_rows)
     plan = {**transfer.to_dict(), "base_mix": cfg.base_mix if base_state is not None else 0.0,
-            "distill": cfg.distill if teacher is not None else 0.0,
-            "distill_gate": bool(cfg.distill_gate and teacher is not None)}
+            "distill": cfg.distill if teacher is not None else 0.0}
     device = torch.device("cuda") if _hardware(trainer)["gpu_count"] else torch.device("cpu")
     val_logits, val_targets = collect_logits(model, dm.val_dataloader(), device)
     test_logits, test_targets = collect_logits(model, dm.test_dataloader(), device)

@@ -114,8 +114,7 @@ class LungViTModule(L.LightningModule):
                  lr_scales: Mapping[str, float] | None = None,
                  teacher: nn.Module | None = None, distill: float = 0.0,
                  distill_temperature: float = 2.0,
-                 distill_classes: Sequence[int] | None = None,
-                 distill_gate: bool = False) -> None:
+                 distill_classes: Sequence[int] | None = None) -> None:
         super().__init__()
         self.model = model
         # Not a registered submodule: the teacher is not trained, saved or put in train mode.
@@ -126,11 +125,6 @@ class LungViTModule(L.LightningModule):
                                      else None)
         self.distill, self.distill_temperature = distill, distill_temperature
         self._distill_classes = list(distill_classes or [])
-        self.distill_gate = distill_gate
-        # Column of each of the model's classes among the distilled ones (-1: not distilled).
-        position = torch.full((len(labels),), -1, dtype=torch.long)
-        position[self._distill_classes] = torch.arange(len(self._distill_classes))
-        self.register_buffer("_distill_position", position, persistent=False)
         self.labels = list(labels)
         self.lr = lr
         self.weight_decay = weight_decay
@@ -167,29 +161,21 @@ class LungViTModule(L.LightningModule):
         loss = F.cross_entropy(logits, y, weight=self.class_weights,
                                label_smoothing=self.label_smoothing)
         if self._teacher is not None:
-            loss = loss + self.distill * self._distillation(x, logits, y)
+            loss = loss + self.distill * self._distillation(x, logits)
         acc = (logits.argmax(dim=1) == y).float().mean()
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
                  batch_size=len(y), sync_dist=True)
         self.log("train/acc", acc, on_step=False, on_epoch=True, batch_size=len(y), sync_dist=True)
         return loss
 
-    def _distillation(self, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor
-                      ) -> torch.Tensor:
-        """KL(teacher || student) over the shared classes at temperature T, times T^2,
-        averaged over the batch. With ``distill_gate``, an image whose label the teacher
-        knows but contradicts adds nothing: there the user's label is the authority."""
+    def _distillation(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """KL(teacher || student) over the shared classes at temperature T, times T^2."""
         idx = self._distill_classes
         t = self.distill_temperature
         with torch.no_grad():
-            teacher = self._teacher(x)[:, idx].float()
-            target = F.softmax(teacher / t, dim=1)
+            target = F.softmax(self._teacher(x)[:, idx].float() / t, dim=1)
         log_student = F.log_softmax(logits[:, idx].float() / t, dim=1)
-        per_image = F.kl_div(log_student, target, reduction="none").sum(dim=1)
-        if self.distill_gate:
-            column = self._distill_position[y]
-            per_image = per_image * ((column < 0) | (teacher.argmax(dim=1) == column))
-        kd = per_image.mean() * t * t
+        kd = F.kl_div(log_student, target, reduction="batchmean") * t * t
         self.log("train/distill", kd, on_step=False, on_epoch=True, batch_size=len(x),
                  sync_dist=True)
         return kd
