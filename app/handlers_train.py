@@ -236,7 +236,7 @@ def _verdict(ctx: AppContext, job: Any, final: dict[str, float]) -> Any:
     if job.status != "succeeded" or not job.result_checkpoint_path:
         return None
     comparison = _result_report(ctx, job).get("comparison") or {}
-    return job_verdict(final, comparison.get("base_model"))
+    return job_verdict(final, comparison.get("base_model"), comparison)
 
 
 @user_errors

@@ -5,7 +5,10 @@ scratch the model the session used when it started it) on its own frozen test sp
 stores the figures with its final metrics (``compare/...``, see
 :func:`lungvit.training.learn.compare.comparison_scalars`). :func:`job_verdict` turns them into
 a sentence and the reasons to ask the user before serving the model: it is not better,
-the comparison rests on too few scans, or there is no comparison at all. Pure functions
+the comparison rests on too few scans, there is no comparison at all, or it still gets
+fewer than half of the test scans of one of the user's classes right (a better average
+can hide a class it never learnt: a fine-tune on a new hospital's normals that still
+calls every one of them a disease). Pure functions
 of the stored numbers, so the handlers stay thin and the tests need no job.
 """
 from __future__ import annotations
@@ -18,6 +21,8 @@ from dataclasses import dataclass, field
 # is 3.4 points); kept equal to lungvit.training.learn.compare.MIN_TEST_SCANS (a test checks it)
 # without importing torch into the app's start-up.
 MIN_TEST_SCANS = 30
+# A class whose test scans the model gets fewer than this share of right is named.
+MIN_CLASS_RECALL = 0.5
 
 
 @dataclass(frozen=True)
@@ -48,12 +53,15 @@ def _num(final: Mapping[str, float], key: str) -> float | None:
     return float(value)
 
 
-def job_verdict(final: Mapping[str, float] | None, base_name: str | None = None) -> Verdict:
+def job_verdict(final: Mapping[str, float] | None, base_name: str | None = None,
+                comparison: Mapping[str, object] | None = None) -> Verdict:
     """The verdict on a finished job from its stored final metrics.
 
     Args:
         final: the job's final metrics (``Store.final_metrics``).
         base_name: the model it was compared with (a file name), for the sentence.
+        comparison: the job's comparison report (``compare_predictions``' dict), whose
+            per-class recalls name the classes the model still mostly misses.
 
     Returns:
         The :class:`Verdict`. "Better" means a higher accuracy and a macro recall that is
@@ -87,7 +95,24 @@ def job_verdict(final: Mapping[str, float] | None, base_name: str | None = None)
     if n_test < MIN_TEST_SCANS:
         warnings.append(f"The comparison rests on only {n_test} test scans (fewer than "
                         f"{MIN_TEST_SCANS}): the difference may be chance.")
+    warnings += missed_classes(comparison or {}, who)
     return Verdict(text, warnings, better, n_test)
+
+
+def missed_classes(comparison: Mapping[str, object], who: str) -> list[str]:
+    """A warning per class of the test split whose scans the fine-tuned model gets fewer
+    than :data:`MIN_CLASS_RECALL` of right (with the base's share where it has the class)."""
+    def recalls(key: str) -> Mapping[str, float]:
+        part = comparison.get(key)
+        return (part.get("recall") or {}) if isinstance(part, Mapping) else {}
+
+    tuned, base = recalls("tuned_all"), recalls("base")
+    out = []
+    for label, recall in sorted(tuned.items()):
+        if recall < MIN_CLASS_RECALL:
+            was = (f"; {who} got {base[label]:.0%}" if label in base else "")
+            out.append(f"It gets only {recall:.0%} of the test scans of {label} right{was}.")
+    return out
 
 
 def warning_markdown(verdict: Verdict) -> str:

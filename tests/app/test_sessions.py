@@ -158,6 +158,22 @@ def test_verdict_from_stored_metrics() -> None:
     assert "15 test scan(s) of classes" in partial.text
 
 
+def test_verdict_names_a_class_the_model_still_mostly_misses() -> None:
+    """A better average can hide a class never learnt (the new hospital's normals, still
+    all called a disease): such a class is named and the user asked before switching."""
+    report = {"base": {"recall": {"lung-covid": 0.9, "lung-normal": 0.0}},
+              "tuned_all": {"recall": {"lung-covid": 1.0, "lung-normal": 0.4, "new": 0.2,
+                                       "lung-tuberculosis": 0.5}}}
+    v = job_verdict(_comparison(0.6, 0.7, 120, 0.05), "base.safetensors", report)
+    assert v.better and v.needs_confirmation
+    assert v.warnings == [
+        "It gets only 40% of the test scans of lung-normal right; the current model "
+        "(base.safetensors) got 0%.",
+        "It gets only 20% of the test scans of new right."]
+    fine = {"tuned_all": {"recall": {"lung-covid": 0.5, "lung-normal": 1.0}}}
+    assert not job_verdict(_comparison(0.6, 0.7, 120, 0.05), None, fine).needs_confirmation
+
+
 def test_app_threshold_matches_training() -> None:
     from lungvit.training.learn.compare import MIN_TEST_SCANS as TRAINING_MIN
 
