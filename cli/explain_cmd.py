@@ -55,17 +55,24 @@ def _target(spec: str | None, labels: tuple[str, ...]) -> int | None:
     raise ValueError(f"unknown class {spec!r}; give one of {', '.join(labels)} or an index 0..{len(labels) - 1}")
 
 
-def _save(out: Path, stem: str, es: Any) -> dict[str, dict[str, str]]:
+def _save(out: Path, stem: str, es: Any, full: Any = None, opacity: float = 0.5
+          ) -> dict[str, dict[str, str]]:
+    """Write each method's overlay, map and raw map; with ``full`` (the scan read at full
+    size, when the explanation used a smaller read) the overlay and map are drawn at its
+    size."""
     import numpy as np
     from PIL import Image
+
+    from lungvit.core.explain.api import map_at, render_overlay
 
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, dict[str, str]] = {}
     for e in es:
         paths = {"overlay": out / f"{stem}.{e.method}.png", "map": out / f"{stem}.{e.method}.map.npy",
                  "raw": out / f"{stem}.{e.method}.raw.npy"}
-        Image.fromarray(e.overlay).save(paths["overlay"])
-        np.save(paths["map"], e.map)
+        image = e.overlay if full is None else render_overlay(e, full.pixels, opacity=opacity)
+        Image.fromarray(image).save(paths["overlay"])
+        np.save(paths["map"], e.map if full is None else map_at(e, full.pixels.shape))
         np.save(paths["raw"], e.raw)
         files[e.method] = {k: str(v) for k, v in paths.items()}
     return files
@@ -95,7 +102,7 @@ def _table(es: Any, labels: tuple[str, ...]) -> str:
 def run(args: argparse.Namespace) -> int:
     from lungvit.core.errors import ScanReadError
     from lungvit.core.explain import METHODS, explain
-    from lungvit.core.io.ingest import load_scan
+    from lungvit.core.io.ingest import WORKING_SIDE, load_scan
     from lungvit.core.predict import Predictor
 
     try:
@@ -116,7 +123,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"lungvit explain: {exc}", file=sys.stderr)
         return exit_codes.USAGE
     try:
-        scan = load_scan(args.file)
+        # Read as `lungvit predict` and the app read it (a large JPEG 2000 smaller), so the
+        # three give one answer; the files written are drawn on the full-size read.
+        scan = load_scan(args.file, min_side=WORKING_SIDE)
+        full = (load_scan(args.file) if args.out and scan.meta.resolution_level else None)
     except ScanReadError as exc:
         print(f"{Path(args.file).name}: ERROR {exc}", file=sys.stderr)
         return exit_codes.SOME_FAILED
@@ -126,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     summary = es.summary(labels)
     summary["file"] = Path(args.file).name
     if args.out:
-        files = _save(Path(args.out), Path(args.file).stem, es)
+        files = _save(Path(args.out), Path(args.file).stem, es, full, args.opacity)
         for m in summary["methods"]:
             m["files"] = files[m["method"]]
     if args.json:

@@ -140,10 +140,15 @@ def render_overlay(e: Explanation, pixels: np.ndarray, *, opacity: float = 0.5,
     Returns:
         (H, W, 3) uint8 RGB.
     """
+    return overlay(pixels, map_at(e, pixels.shape), opacity=opacity, cmap=cmap)
+
+
+def map_at(e: Explanation, shape: tuple[int, ...]) -> np.ndarray:
+    """The explanation's map as :func:`explain` shows it ([0, 1]; a signed map's positive
+    part), upsampled from its model-resolution ``raw`` map to ``shape`` (H, W)."""
     raw = torch.from_numpy(e.raw)
     shown = raw.clamp(min=0) if e.signed else raw
-    heat = normalize_map(upsample_map(shown, tuple(pixels.shape)))
-    return overlay(pixels, heat, opacity=opacity, cmap=cmap)
+    return normalize_map(upsample_map(shown, (int(shape[0]), int(shape[1]))))
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -185,6 +185,35 @@ def test_cli_explain_json_and_files(cli_inputs, tmp_path, capsys) -> None:
     assert 0 < res["methods"][1]["extras"]["relative_delta"] < 0.01
 
 
+def test_cli_explain_reads_a_large_jpeg2000_as_predict_does(cli_inputs, tmp_path, capsys) -> None:
+    """`lungvit explain` explains the image `lungvit predict` answers (a large JPEG 2000
+    read at WORKING_SIDE, here half size) and draws its files on the full-size read."""
+    import json
+
+    from PIL import Image
+
+    from lungvit.cli.main import main
+    from lungvit.core.io.ingest import WORKING_SIDE, load_scan
+    from lungvit.core.predict import Predictor
+    from lungvit.synthetic.dicom_write import write_dicom
+    from lungvit.synthetic.phantoms import make_phantom
+
+    ckpt, _ = cli_inputs
+    stored = np.rint(np.kron(make_phantom("lung-opacity", size=100, seed=3).image,
+                             np.ones((16, 16))) * 4095).astype(np.uint16)
+    dcm = write_dicom(tmp_path / "big.dcm", stored, bits_stored=12,
+                      transfer_syntax="JPEG2000Lossless")
+    out = tmp_path / "maps"
+    assert main(["explain", str(dcm), "--model", str(ckpt), "--method", "rollout",
+                 "--out", str(out), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    predicted = Predictor.from_checkpoint(ckpt).predict(load_scan(dcm, min_side=WORKING_SIDE))
+    assert res["target_label"] == predicted.label
+    files = res["methods"][0]["files"]
+    assert np.asarray(Image.open(files["overlay"])).shape == (1600, 1600, 3)
+    assert np.load(files["map"]).shape == (1600, 1600)
+
+
 def test_cli_explain_table_and_errors(cli_inputs, tmp_path, capsys) -> None:
     from lungvit.cli.main import main
 
