@@ -8,8 +8,8 @@ a sentence and the reasons to ask the user before serving the model: it is not b
 the comparison rests on too few scans, there is no comparison at all, or it still gets
 fewer than half of the test scans of one of the user's classes right (a better average
 can hide a class it never learnt: a fine-tune on a new hospital's normals that still
-calls every one of them a disease). Pure functions
-of the stored numbers, so the handlers stay thin and the tests need no job.
+calls every one of them a disease). Pure functions of the stored numbers, so the handlers
+stay thin and the tests need no job.
 """
 from __future__ import annotations
 
