@@ -32,7 +32,8 @@ CSS = """
 
 def build_app(context: AppContext | None = None, *, model: str | Path | None = None,
               db_url: str | None = None, data_dir: str | Path | None = None,
-              model_concurrency: int = 2, max_queue: int = 64) -> gr.Blocks:
+              model_concurrency: int = 2, view_concurrency: int = 4,
+              max_queue: int = 64) -> gr.Blocks:
     """Build the LungViT Blocks app (nothing heavy is loaded until first use).
 
     Args:
@@ -41,7 +42,10 @@ def build_app(context: AppContext | None = None, *, model: str | Path | None = N
             session may switch to another for itself.
         db_url: the tracking store's URL.
         data_dir: the app's data directory.
-        model_concurrency: events that may run the network at once.
+        model_concurrency: explanations that may run at once.
+        view_concurrency: reads and predictions of uploaded scans (a decode and a
+            forward pass, under one core each) that may run at once, in a group of their
+            own, so a scan is shown without waiting behind other users' explanations.
         max_queue: queued events at most; more are refused with a "busy" message.
 
     Returns:
@@ -61,7 +65,8 @@ def build_app(context: AppContext | None = None, *, model: str | Path | None = N
             banner = gr.Markdown("Loading the model...", elem_id="banner")
         with gr.Tabs():
             with gr.Tab("Predict & explain", id="predict"):
-                target, covered = build_predict_tab(ctx, model_concurrency, model_state)
+                target, covered = build_predict_tab(ctx, model_concurrency, model_state,
+                                                     view_concurrency)
             with gr.Tab("Fine-tune", id="finetune"):
                 used = build_finetune_tab(ctx, model_state)
             with gr.Tab("Runs", id="runs"):

@@ -12,7 +12,8 @@ from lungvit.app.state import AppContext
 from lungvit.app.viewer import build_viewer
 from lungvit.core.explain.faithfulness import BETTER
 
-MODEL = "model"  # concurrency group of every event that runs the network
+MODEL = "model"  # concurrency group of the explanations (the heavy use of the network)
+VIEW = "view"  # concurrency group of reading and predicting scans (decode, one forward)
 SLOTS = len(h.METHOD_LABELS)  # one overlay panel per method the user can pick
 
 
@@ -57,14 +58,15 @@ def fan_out(gallery: list[Any] | None) -> list[Any]:
     return [*shown, *images, *captions]
 
 
-def build_predict_tab(ctx: AppContext, model_limit: int, model_state: gr.State
-                      ) -> tuple[gr.Dropdown, gr.Markdown]:
+def build_predict_tab(ctx: AppContext, model_limit: int, model_state: gr.State,
+                      view_limit: int = 4) -> tuple[gr.Dropdown, gr.Markdown]:
     """Lay out the tab and wire its events; every event uses the session's model.
 
     Args:
         ctx: the app's context.
-        model_limit: events that may run the network at once.
+        model_limit: explanations that may run at once.
         model_state: the session's model choice (see :mod:`lungvit.app.state`).
+        view_limit: reads and predictions of scans that may run at once (own group).
 
     Returns:
         The target-class dropdown and the covered-classes line (both follow the
@@ -151,6 +153,10 @@ def build_predict_tab(ctx: AppContext, model_limit: int, model_state: gr.State
     view_outputs = [viewer, model_input, probs, flags, meta, preset, center, width]
     view = partial(h.show_scan, ctx)
     common = {"concurrency_limit": model_limit, "concurrency_id": MODEL}
+    # Reading and predicting a scan uses under one core (0.7 measured by bench_app
+    # --user-path; an explanation 1.4-1.8), so more of them run at once than explanations
+    # do, in their own group: a scan is never shown late because others are explaining.
+    light = {"concurrency_limit": view_limit, "concurrency_id": VIEW}
     # Internal UI events stay off the API page and out of gradio_client's reach; the
     # public API is /predict and /explain here (see README). /predict_batch stays
     # callable (undocumented) for scripts that predict a folder.
@@ -161,15 +167,15 @@ def build_predict_tab(ctx: AppContext, model_limit: int, model_state: gr.State
     # After each view, the zoomable viewer shows the scan (from the cache the view filled).
     zoom = (partial(h.view_scan, ctx), [files, selected, *window_inputs], zoomable)
     run.click(batch, *batch_io, api_name="predict_batch", api_visibility="undocumented",
-              **common).success(view, view_inputs, view_outputs, api_name="predict", **common
+              **light).success(view, view_inputs, view_outputs, api_name="predict", **light
                                 ).success(*zoom, **private)
-    files.upload(batch, *batch_io, **private, **common).success(
-        view, view_inputs, view_outputs, **private, **common).success(*zoom, **private)
+    files.upload(batch, *batch_io, **private, **light).success(
+        view, view_inputs, view_outputs, **private, **light).success(*zoom, **private)
     for event in (selected.input, show_phi.input, preset.input):
-        event(view, view_inputs, view_outputs, **private, **common).success(*zoom, **private)
+        event(view, view_inputs, view_outputs, **private, **light).success(*zoom, **private)
     for box in (center, width):
         box.submit(to_custom, None, preset, queue=False, **private).then(
-            view, view_inputs, view_outputs, **private, **common).success(*zoom, **private)
+            view, view_inputs, view_outputs, **private, **light).success(*zoom, **private)
     explain_inputs = [files, selected, *window_inputs, methods, target, opacity, model_state]
     explain.click(partial(h.explain_scan, ctx), explain_inputs, [gallery, faith],
                   api_name="explain", **common

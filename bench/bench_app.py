@@ -20,7 +20,8 @@ weights), e.g. ``--variant lungvit_ref64`` for the reference configuration.
    per scan, the time until it is shown (``/predict``: upload, decode, predict, display
    image) and each of rollout, Grad-CAM and Integrated Gradients end to end (``/explain``),
    for one client (median of 3) and ``--clients`` at once (p95, and its ratio to the
-   single-client median); plus prediction of a decoded scan in process, and the decode
+   single-client median, beside the floor that the app's CPU use for one request sets:
+   ``clients x cores one request uses / cores``); plus prediction of a decoded scan in process, and the decode
    of each file in process in full and at ``WORKING_SIDE`` (the app's size: a JPEG 2000
    file is read at a reduced resolution level), as a ratio.
 """
@@ -198,21 +199,29 @@ def user_path_images(tmp: Path, copies: int) -> dict[str, list[Path]]:
 PATH_METHODS = ("Attention rollout", "Grad-CAM", "Integrated Gradients")
 
 
-def path_once(c: object, scan: Path) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def path_once(c: object, scan: Path, pid: int | None = None) -> dict[str, float]:
     """One user's path on one scan: shown (upload, decode, predict, display: the
-    /predict call), then each explanation method alone, end to end through the API."""
+    /predict call), then each explanation method alone, end to end through the API.
+    With the app's ``pid``, also the app's CPU seconds for each (key ``"<stage> cpu"``)."""
     from gradio_client import handle_file
 
     files = [handle_file(str(scan))]
     times = {}
-    t0 = time.perf_counter()
-    c.predict(files, None, *PREDICT_ARGS, False, api_name="/predict")
-    times["shown"] = time.perf_counter() - t0
-    for method in PATH_METHODS:
+    calls = [("shown", (False,), "/predict")] + [
+        (m, ([m], "Predicted class", 0.5), "/explain") for m in PATH_METHODS]
+    for stage, extra, api in calls:
+        cpu0 = cpu_seconds(pid) if pid else 0.0
         t0 = time.perf_counter()
-        c.predict(files, None, *PREDICT_ARGS, [method], "Predicted class", 0.5,
-                  api_name="/explain")
-        times[method] = time.perf_counter() - t0
+        c.predict(files, None, *PREDICT_ARGS, *extra, api_name=api)
+        times[stage] = time.perf_counter() - t0
+        if pid:
+            times[f"{stage} cpu"] = cpu_seconds(pid) - cpu0
     return times
 
 
@@ -261,7 +270,9 @@ def bench_user_path(args: argparse.Namespace, tmp: Path, model: Path | None) -> 
     from gradio_client import Client
 
     single_reps = 3
-    images = user_path_images(tmp, 1 + single_reps + args.clients)
+    # Per kind: 1 warm-up, the single client's, the clients', then 3 views and 8 scans
+    # for explanations beside them (all unseen when first sent).
+    images = user_path_images(tmp, 1 + single_reps + args.clients + 3 + 8)
     for kind, ms in predict_seconds(images, model).items():
         print(f"predict, decoded {kind} in process: median {ms:.3f} s")
     for kind, (full, working) in decode_seconds(images).items():
@@ -276,7 +287,7 @@ def bench_user_path(args: argparse.Namespace, tmp: Path, model: Path | None) -> 
         for paths in images.values():
             path_once(warm, paths[0])  # model loaded, code paths warm
         for kind, paths in images.items():
-            alone = [path_once(warm, p) for p in paths[1:1 + single_reps]]
+            alone = [path_once(warm, p, proc.pid) for p in paths[1:1 + single_reps]]
             results: list[dict[str, float]] = []
             lock = threading.Lock()
 
@@ -286,18 +297,64 @@ def bench_user_path(args: argparse.Namespace, tmp: Path, model: Path | None) -> 
                     results.append(r)
 
             threads = [threading.Thread(target=one, args=(p,))
-                       for p in paths[1 + single_reps:]]
+                       for p in paths[1 + single_reps:1 + single_reps + args.clients]]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
             for stage in ("shown", *PATH_METHODS):
                 a = statistics.median(r[stage] for r in alone)
+                used = statistics.median(r[f"{stage} cpu"] / r[stage] for r in alone)
                 p95 = float(np.quantile([r[stage] for r in results], 0.95))
-                print(f"{kind}: {stage}: 1 client median {a:.2f} s; {args.clients} clients "
-                      f"p95 {p95:.2f} s ({p95 / a:.1f}x)")
+                # n requests needing `used` cores each for `a` seconds cannot all be done
+                # on `cores` cores in less than n * used / cores times `a`.
+                floor = args.clients * used / len(cores)
+                print(f"{kind}: {stage}: 1 client median {a:.2f} s, using {used:.2f} cores; "
+                      f"{args.clients} clients p95 {p95:.2f} s ({p95 / a:.1f}x; the CPU "
+                      f"floor {floor:.1f}x)")
+        rest = {kind: paths[1 + single_reps + args.clients:] for kind, paths in images.items()}
+        shown_beside_explanations(url, rest)
     finally:
         stop_app(proc)
+
+
+def shown_beside_explanations(url: str, images: dict[str, list[Path]]) -> None:
+    """Unseen scans shown by one client while two others run Integrated Gradients on
+    unseen PNGs without pause (every explanation slot of the app taken): the median of 3
+    views per kind. ``images``: per kind, 3 scans to show, then 8 to explain."""
+    from gradio_client import Client, handle_file
+
+    stop = threading.Event()
+    busy = images["png 2394x1969"][3:]
+
+    def explaining(paths: list[Path]) -> None:
+        c = Client(url, verbose=False)
+        while not stop.is_set():
+            for path in paths:
+                c.predict([handle_file(str(path))], None, *PREDICT_ARGS,
+                          ["Integrated Gradients"], "Predicted class", 0.5, api_name="/explain")
+                if stop.is_set():
+                    return
+
+    workers = [threading.Thread(target=explaining, args=(busy[i::2],)) for i in range(2)]
+    for w in workers:
+        w.start()
+    try:
+        viewer = Client(url, verbose=False)
+        time.sleep(3.0)  # both explanation loops running
+        for kind, paths in images.items():
+            times = []
+            for path in paths[:3]:
+                t0 = time.perf_counter()
+                viewer.predict([handle_file(str(path))], None, *PREDICT_ARGS, False,
+                               api_name="/predict")
+                times.append(time.perf_counter() - t0)
+            print(f"{kind}: shown while 2 other clients run Integrated Gradients: median "
+                  f"{statistics.median(times):.2f} s")
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
 
 
 def main() -> None:

@@ -234,6 +234,20 @@ def test_a_large_jpeg2000_is_shown_smaller_and_downloaded_full_size(
     assert "data:image/png;base64," in Path(report).read_text()
 
 
+def test_reading_scans_does_not_wait_behind_explanations(running_app: tuple[str, object]
+                                                         ) -> None:
+    """Reading and predicting scans (under one core each) run in a group of their own with
+    more slots than the explanations (1.4-1.8 cores each), so a scan is shown while other
+    users' explanations hold every explanation slot."""
+    from lungvit.app.ui import build_app
+
+    app = build_app(running_app[1])
+    groups = {f.api_name: (f.concurrency_id, f.concurrency_limit) for f in app.fns.values()
+              if f.api_name in ("predict", "predict_batch", "explain")}
+    assert groups == {"predict": ("view", 4), "predict_batch": ("view", 4),
+                      "explain": ("model", 2)}
+
+
 def test_overlay_panels_show_each_map_with_its_verdict_and_numbers() -> None:
     from lungvit.app.ui_predict import SLOTS, fan_out
 
