@@ -30,9 +30,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_PIXELS = 50_000_000
 # The longest side LungViT decodes for showing, predicting and training when a file can be
 # decoded smaller (JPEG 2000's resolution levels): three quarters of the app's 1,024 px
-# display at least, and over three times the largest model input (224 px), so neither the
-# view nor the model loses anything visible, while a 2,000 px JPEG 2000 frame decodes at
-# 1,000 px in about a quarter of the full decode's time.
+# display at least, and over three times the largest model input (224 px) that is resized
+# from it (BENCHMARKS.md says how much that moved probabilities), while a 2,000 px frame
+# is read at 1,000 px in 0.42x the full decode's time (bench/bench_app.py --user-path).
 WORKING_SIDE = 768
 # No scan LungViT reads comes near this; a bigger file is refused before it is read.
 MAX_FILE_BYTES = 1 << 30

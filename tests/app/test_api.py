@@ -226,19 +226,18 @@ def test_a_large_jpeg2000_is_shown_smaller_and_downloaded_full_size(
             "Predicted class", 0.5)
     gallery, _ = handlers.explain_scan(ctx, *args)
     assert Image.open(gallery[0][0]).size == (600, 800)
+    decodes = ctx.scans.decodes
     overlay, report = handlers.explain_files(ctx, *args)
     assert Image.open(overlay).size == (1200, 1600)
-    small = ctx.scans.scan(path, window="auto")
-    full = ctx.scans.scan(path, window=small.meta.window_numbers(), min_side=None)
-    assert full.meta.resolution_level == 0 and full.pixels.shape == (1600, 1200)
+    assert ctx.scans.decodes == decodes + 1  # the one full-size read, for the files
     assert "data:image/png;base64," in Path(report).read_text()
 
 
 def test_reading_scans_does_not_wait_behind_explanations(running_app: tuple[str, object]
                                                          ) -> None:
-    """Reading and predicting scans (under one core each) run in a group of their own with
-    more slots than the explanations (1.4-1.8 cores each), so a scan is shown while other
-    users' explanations hold every explanation slot."""
+    """Reading and predicting scans (under one core each) are wired into a concurrency
+    group of their own with more slots than the explanations (1.4-1.8 cores each); what
+    that does to a view beside explanations is measured by bench_app.py, not here."""
     from lungvit.app.ui import build_app
 
     app = build_app(running_app[1])
